@@ -1,0 +1,109 @@
+"""The ``lift3d`` command line. ``launch.py`` is ``lift3d launch``.
+
+Every user error ends as one line on stderr and a non-zero exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Optional
+
+from lift3d.errors import UserError
+
+
+def _launch(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch.py", description="Run a lift3d reconstruction.",
+                                epilog="Extra arguments are config overrides: key=value "
+                                       "(image=PATH, gt=PATH, resume=CKPT, system.loss.lambda_rgb=100, ...)")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_const", dest="mode", const="train", help="train (default)")
+    mode.add_argument("--test", action="store_const", dest="mode", const="test", help="render a turntable of resume=CKPT")
+    mode.add_argument("--export", action="store_const", dest="mode", const="export", help="export the mesh of resume=CKPT")
+    p.add_argument("--verbose", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("--")]
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]}; overrides are written key=value without dashes")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from lift3d.runner import run_experiment
+
+    trial = run_experiment(args.config, overrides, args.mode or "train")
+    print(f"trial folder: {trial}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lift3d eval", description="Score a mesh against a ground-truth mesh.")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gt", required=True)
+    p.add_argument("--protocol", default="surface")
+    args = p.parse_args(argv)
+    from lift3d.evaluation.metrics import evaluate
+
+    print(json.dumps(evaluate(args.pred, args.gt, protocol=args.protocol), indent=2, sort_keys=True))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "launch": _launch,
+    "eval": _eval,
+}
+
+
+def register_command(name: str):
+    def decorator(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _optional_commands() -> None:
+    """Subcommands that live next to the code they drive (bench, render-gso, nvs, convert-ckpt, ...)."""
+    import importlib
+
+    for module in ("lift3d.commands",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Call a subcommand, turning user errors into one line on stderr."""
+    from lift3d.runner import Interrupted
+
+    try:
+        return fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _optional_commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = ", ".join(sorted(COMMANDS))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}'; commands: {names}", file=sys.stderr)
+            return 2
+        print(f"usage: lift3d COMMAND [options]\ncommands: {names}\n"
+              "run 'lift3d COMMAND --help' for a command's options")
+        return 0
+    return run(COMMANDS[argv[0]], argv[1:])
+
+
+def launch_main() -> None:
+    sys.exit(run(_launch, sys.argv[1:]))

@@ -1,0 +1,55 @@
+"""The interface every 3D field implements.
+
+A geometry is a field inside the axis-aligned box ``[-radius, radius]^3`` (world frame, z-up):
+- ``forward(points)`` -> ``{"density": (N,), "features": (N, C)}``: volume density sigma >= 0
+  and C feature channels (C = 3 RGB in [0, 1], or C = 4 Stable-Diffusion latents, unbounded);
+- ``density(points)`` -> (N,), the cheap path used by the occupancy grid and mesh extraction;
+- ``density_grid(resolution)`` -> (R, R, R) densities at the centres of a regular grid over the
+  box, indexed [ix, iy, iz] along world x, y, z (what marching cubes consumes);
+- ``color(points)`` -> (N, 3) RGB in [0, 1] for texture baking (RGB fields only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lift3d.plugin import PluginModule
+
+
+class BaseGeometry(PluginModule):
+    @dataclass
+    class Config:
+        radius: float = 1.0
+
+    n_feature_dims: int = 3
+
+    @property
+    def bbox(self) -> torch.Tensor:
+        r = self.cfg.radius
+        return torch.tensor([[-r, -r, -r], [r, r, r]], dtype=torch.float32)
+
+    def forward(self, points: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        return self.forward(points)["density"]
+
+    def color(self, points: torch.Tensor) -> torch.Tensor:
+        if self.n_feature_dims != 3:
+            raise ValueError(f"{type(self).__name__} stores {self.n_feature_dims} latent channels, not RGB")
+        return self.forward(points)["features"]
+
+    def grid_points(self, resolution: int) -> torch.Tensor:
+        """(R, R, R, 3) world positions of the grid cell centres over the box."""
+        r = self.cfg.radius
+        axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * r - r
+        return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+
+    @torch.no_grad()
+    def density_grid(self, resolution: int, chunk: int = 262144) -> torch.Tensor:
+        device = next(self.parameters()).device
+        points = self.grid_points(resolution).reshape(-1, 3)
+        out = [self.density(points[i:i + chunk].to(device)).cpu() for i in range(0, len(points), chunk)]
+        return torch.cat(out).reshape(resolution, resolution, resolution)

@@ -1,0 +1,220 @@
+"""The image-to-3D system: a 3D field fitted to one reference image under a guidance.
+
+Every training step has two parts (threestudio's "accumulate" mode):
+1. the reference view: render it and match the image (``rgb``, ``mask``, ``depth_smooth_ref``);
+2. guidance views: render random views, score them with the guidance (``guidance``), and
+   regularise them (``near_view``, ``depth_smooth``, ``normal_smooth``, ``orient``, ``sparsity``,
+   ``opaque``).
+Each ``loss_x`` is weighted by ``system.loss.lambda_x`` (any of them may be a schedule); a term
+whose weight is 0 is not computed at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lift3d.cameras import Cameras, look_at
+from lift3d.config import C, schedulable
+from lift3d.errors import UserError
+from lift3d.guidance.base import GuidanceContext
+from lift3d.plugin import PluginModule
+from lift3d.registry import find, register
+from lift3d.systems import losses
+
+
+@dataclass
+class LossConfig:
+    lambda_guidance: Any = schedulable(1.0)
+    lambda_rgb: Any = schedulable(0.0)
+    lambda_mask: Any = schedulable(0.0)
+    lambda_depth_smooth_ref: Any = schedulable(0.0)
+    lambda_depth_smooth: Any = schedulable(0.0)
+    lambda_near_view: Any = schedulable(0.0)
+    lambda_normal_smooth: Any = schedulable(0.0)
+    lambda_orient: Any = schedulable(0.0)
+    lambda_sparsity: Any = schedulable(0.0)
+    lambda_opaque: Any = schedulable(0.0)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"                      # adam | adamw | adamax
+    lr: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
+
+
+@register("image-to-3d")
+class ImageTo3D(PluginModule):
+    @dataclass
+    class Config:
+        geometry_type: str = "voxel-rf"
+        geometry: dict = field(default_factory=dict)
+        background_type: str = "solid-color"
+        background: dict = field(default_factory=dict)
+        renderer_type: str = "volume-renderer"
+        renderer: dict = field(default_factory=dict)
+        guidance_type: Optional[str] = None
+        guidance: dict = field(default_factory=dict)
+        loss: LossConfig = field(default_factory=LossConfig)
+        optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+        export: dict = field(default_factory=dict)   # validated by lift3d.export when exporting
+        near_view_offset: float = 0.05               # eye displacement of the near view (world units)
+
+    def __init__(self, cfg: Any = None, path: str = "system"):
+        super().__init__(cfg, path)
+        c = self.cfg
+        self.geometry = find(c.geometry_type, "geometry")(c.geometry, path=f"{path}.geometry")
+        self.background = find(c.background_type, "background")(c.background, path=f"{path}.background")
+        # The renderer keeps references to geometry and background without owning them twice.
+        self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
+                                                          background=self.background, path=f"{path}.renderer")
+        self.guidance = None  # built by prepare_guidance: --test and --export never load it
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def latent_field(self) -> bool:
+        return self.geometry.n_feature_dims == 4
+
+    def prepare_guidance(self, reference, context: GuidanceContext) -> None:
+        if self.cfg.guidance_type is None:
+            if self.latent_field:
+                raise UserError("a latent (4-channel) field needs a guidance to decode it; set system.guidance_type")
+            return
+        self.guidance = find(self.cfg.guidance_type, "guidance")(self.cfg.guidance, path="system.guidance")
+        self.guidance.prepare(reference, context)
+        if self.latent_field and getattr(self.guidance, "render_space", "rgb") != "latent":
+            raise UserError(f"geometry has 4 latent channels but guidance '{self.cfg.guidance_type}' "
+                            "works on RGB; set system.geometry.n_feature_dims=3")
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optimizer
+        if o.name not in OPTIMIZERS:
+            raise UserError(f"system.optimizer.name '{o.name}' is unknown; use one of {', '.join(OPTIMIZERS)}")
+        groups = []
+        for module in (self.geometry, self.background, self.renderer):
+            if hasattr(module, "param_groups"):  # modules that want their own learning rates
+                groups += module.param_groups(o.lr)
+            else:
+                params = [p for p in module.parameters(recurse=module is not self.renderer) if p.requires_grad]
+                if params:
+                    groups.append({"params": params, "lr": o.lr})
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return OPTIMIZERS[o.name](groups, **kwargs)
+
+    def update_step(self, step: int) -> None:
+        for part in (self.geometry, self.background, self.renderer, self.guidance):
+            if part is not None:
+                part.update_step(step)
+
+    # ------------------------------------------------------------------ rendering
+
+    def render(self, cameras: Cameras, bg_color=None, normals: bool = False) -> dict:
+        return self.renderer(cameras, bg_color=bg_color, normals=normals)
+
+    def to_rgb(self, images: torch.Tensor) -> torch.Tensor:
+        """Rendered features (B,H,W,C) -> RGB in [0, 1]; latent fields go through the guidance's decoder."""
+        if not self.latent_field:
+            return images
+        if self.guidance is None:
+            raise UserError("rendering a latent field to RGB needs its guidance model; run with --train or set "
+                            "system.guidance_type")
+        return self.guidance.decode_features(images)
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, chunk: int = 4) -> list[torch.Tensor]:
+        """RGB images (H,W,3) for evaluation, a few views at a time to bound memory."""
+        was_training = self.training
+        self.eval()
+        images = []
+        for i in range(0, len(cameras), chunk):
+            out = self.render(cameras[i:i + chunk])
+            images += list(self.to_rgb(out["comp_rgb"]).clamp(0, 1).cpu())
+        self.train(was_training)
+        return images
+
+    # ------------------------------------------------------------------ training
+
+    def weight(self, name: str, step: int) -> float:
+        return C(getattr(self.cfg.loss, f"lambda_{name}"), step)
+
+    def training_step(self, reference, views: Cameras, step: int) -> dict:
+        """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
+        w = {name[len("lambda_"):]: C(v, step) for name, v in vars(self.cfg.loss).items()}
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, float] = {}
+
+        # 1. Reference view. A latent field renders at latent resolution and is decoded to RGB.
+        if w["rgb"] or w["mask"] or w["depth_smooth_ref"]:
+            ref_camera = reference.camera.to(self.device)
+            if self.latent_field:
+                ref_camera = ref_camera.with_size(reference.camera.height // 8, reference.camera.width // 8)
+            out = self.render(ref_camera, bg_color=None if self.latent_field else self._white())
+            if w["rgb"]:
+                rgb = self.to_rgb(out["comp_rgb"])
+                target = reference.rgb.to(self.device)[None]
+                if rgb.shape[1:3] != target.shape[1:3]:
+                    target = _resize(target, rgb.shape[1:3])
+                terms["rgb"] = losses.masked_rgb_mse(rgb, target)
+            if w["mask"]:
+                mask = _resize(reference.mask.to(self.device)[None], out["opacity"].shape[1:3])
+                terms["mask"] = losses.mask_mse(out["opacity"], mask)
+            if w["depth_smooth_ref"]:
+                terms["depth_smooth_ref"] = losses.depth_smoothness(out["depth"])
+
+        # 2. Guidance views.
+        need_normals = bool(w["normal_smooth"] or w["orient"])
+        out = self.render(views, normals=need_normals)
+        if self.guidance is not None and w["guidance"]:
+            guided = self.guidance(out, views, step)
+            terms["guidance"] = guided.pop("loss_guidance")
+            logs.update({k: float(v) for k, v in guided.items()})
+        if w["near_view"]:
+            near = self.render(_nudged(views, self.cfg.near_view_offset))
+            terms["near_view"] = losses.near_view_consistency(out["comp_rgb"], out["depth"],
+                                                              near["comp_rgb"], near["depth"])
+        if w["depth_smooth"]:
+            terms["depth_smooth"] = losses.depth_smoothness(out["depth"])
+        if w["normal_smooth"]:
+            terms["normal_smooth"] = losses.normal_smoothness(out["comp_normal"])
+        if w["orient"]:
+            _, dirs = views.rays()
+            terms["orient"] = losses.orientation(out["comp_normal"] * 2 - 1, out["opacity"], dirs)
+        if w["sparsity"]:
+            terms["sparsity"] = losses.sparsity(out["opacity"])
+        if w["opaque"]:
+            terms["opaque"] = losses.opaque(out["opacity"])
+
+        total = sum(w[name] * value for name, value in terms.items())
+        result = {"loss": total}
+        result.update({f"loss_{name}": value.detach() for name, value in terms.items()})
+        result.update(logs)
+        return result
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.geometry.parameters()).device
+
+    def _white(self) -> torch.Tensor:
+        return torch.ones(self.geometry.n_feature_dims, device=self.device)
+
+
+def _resize(images: torch.Tensor, size) -> torch.Tensor:
+    """(B,H,W,C) -> (B,h,w,C) with area averaging (masks and targets)."""
+    x = F.interpolate(images.permute(0, 3, 1, 2), size=tuple(size), mode="area")
+    return x.permute(0, 2, 3, 1)
+
+
+def _nudged(cameras: Cameras, offset: float) -> Cameras:
+    """The same views seen from eyes moved by ``offset`` in a random direction, still looking at the origin."""
+    eye = cameras.position + offset * F.normalize(torch.randn_like(cameras.position), dim=-1)
+    return Cameras(look_at(eye.cpu()).to(cameras.device), cameras.fovy_deg, cameras.height, cameras.width)

@@ -1,0 +1,37 @@
+"""Image grids and turntable videos."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from lift3d.utils import io
+
+
+def image_grid(images, columns: int = 0) -> np.ndarray:
+    """Tile (H,W,3) images (tensors or arrays in [0,1], same size) into one image."""
+    arrays = [np.asarray(i.detach().cpu() if hasattr(i, "detach") else i, dtype=np.float32)[..., :3] for i in images]
+    columns = columns or len(arrays)
+    rows = [arrays[i:i + columns] for i in range(0, len(arrays), columns)]
+    blank = np.ones_like(arrays[0])
+    rows[-1] = rows[-1] + [blank] * (columns - len(rows[-1]))
+    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+
+
+def save_video(stem: str, frames: list) -> str:
+    """Write uint8 frames as ``stem.mp4`` (``stem.gif`` when no ffmpeg is available); returns the path."""
+    import imageio.v2 as imageio
+
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    try:
+        import imageio_ffmpeg  # noqa: F401  (the wheel carries its own ffmpeg binary)
+
+        path = stem + ".mp4"
+        with io.atomic_path(path) as tmp:
+            imageio.mimwrite(tmp, frames, fps=30, format="FFMPEG", macro_block_size=1)
+    except ImportError:
+        path = stem + ".gif"
+        with io.atomic_path(path) as tmp:
+            imageio.mimwrite(tmp, frames, duration=1 / 30, format="GIF")
+    return path
