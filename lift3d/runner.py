@@ -161,6 +161,7 @@ class Experiment:
                    disable=os.environ.get("LIFT3D_NO_PROGRESS") == "1")
         try:
             while self.step < t.max_steps:
+                self.data.update_step(self.step)
                 self.system.update_step(self.step)
                 views = self.data.sample_views(self.generator).to(self.device)
                 out = self.system.training_step(reference, views, self.step)
@@ -177,7 +178,8 @@ class Experiment:
                 self.step += 1
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
-                    bar.set_postfix({k.replace("loss_", ""): f"{float(v):.3g}" for k, v in out.items()})
+                    bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
+                                    for k, v in out.items()})
                 if t.val_every and self.step % t.val_every == 0:
                     self.validate(reference)
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
@@ -205,10 +207,9 @@ class Experiment:
         save_video(self.path("save", f"it{self.step}-test"), frames)
 
     def export(self) -> None:
-        from lift3d.export.mesh import ExportConfig, export_mesh
+        from lift3d.export.mesh import export_mesh
 
-        cfg = parse_config(ExportConfig, self.exp.system.get("export", {}), "system.export")
-        paths = export_mesh(self.system.geometry, self.path("export"), cfg)
+        paths = export_mesh(self.system.geometry, self.path("export"), self.system.cfg.export)
         log.info("exported %s", ", ".join(paths.values()) if isinstance(paths, dict) else paths)
         gt = getattr(self.data.cfg, "gt_mesh", None)
         if gt:
@@ -238,3 +239,14 @@ def run_experiment(config_path: str, overrides: list[str] = (), mode: str = "tra
     from lift3d.config import load_config
 
     return Experiment(load_config(config_path, list(overrides))).run(mode)
+
+
+def load_trial(trial_dir: str, overrides: list[str] = ()) -> Experiment:
+    """Rebuild a finished trial (its parsed config and last checkpoint) for evaluation."""
+    from lift3d.config import load_config
+
+    ckpt = os.path.join(trial_dir, "ckpts", "last.ckpt")
+    exp = Experiment(load_config(os.path.join(trial_dir, "configs", "parsed.yaml"), [f"resume={ckpt}", *overrides]))
+    exp.restore(ckpt)
+    exp.system.eval()
+    return exp

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lift3d.cameras import Cameras, look_at
 from lift3d.config import C, schedulable
 from lift3d.errors import UserError
+from lift3d.export.mesh import ExportConfig
 from lift3d.guidance.base import GuidanceContext
 from lift3d.plugin import PluginModule
 from lift3d.registry import find, register
@@ -66,7 +67,7 @@ class ImageTo3D(PluginModule):
         guidance: dict = field(default_factory=dict)
         loss: LossConfig = field(default_factory=LossConfig)
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-        export: dict = field(default_factory=dict)   # validated by lift3d.export when exporting
+        export: ExportConfig = field(default_factory=ExportConfig)
         near_view_offset: float = 0.05               # eye displacement of the near view (world units)
 
     def __init__(self, cfg: Any = None, path: str = "system"):
@@ -100,6 +101,8 @@ class ImageTo3D(PluginModule):
         o = self.cfg.optimizer
         if o.name not in OPTIMIZERS:
             raise UserError(f"system.optimizer.name '{o.name}' is unknown; use one of {', '.join(OPTIMIZERS)}")
+        if not o.lr > 0:
+            raise UserError(f"system.optimizer.lr must be a positive number, got {o.lr}")
         groups = []
         for module in (self.geometry, self.background, self.renderer):
             if hasattr(module, "param_groups"):  # modules that want their own learning rates

@@ -1,0 +1,165 @@
+"""End-to-end checks of the engine on a tiny field: trial folder, resume, Ctrl-C, NaN, bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lift3d.config import load_config
+from lift3d.errors import UserError
+from lift3d.runner import Experiment, Interrupted, load_checkpoint, run_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = """
+name: tiny
+tag: t
+use_timestamp: false
+trainer: {max_steps: 4, val_every: 2, ckpt_every: 2, log_every: 1, device: cpu}
+data:
+  reference_height: 32
+  reference_width: 32
+  height: 16
+  width: 16
+  foreground_ratio: null
+  n_val_views: 2
+  n_test_views: 3
+  eval_height: 16
+  eval_width: 16
+system:
+  geometry_type: voxel-rf
+  geometry: {grid_size: 16, radius: 0.6}
+  renderer: {num_samples_per_ray: 16, use_occupancy_grid: false}
+  loss: {lambda_guidance: 0, lambda_rgb: 1.0, lambda_mask: 1.0, lambda_sparsity: 0.01}
+  optimizer: {name: adam, lr: 0.1}
+  export: {resolution: 32, texture_size: 64, relative_threshold: 1.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def disc_png(tmp_path_factory):
+    """A red disc on transparent background, 64x64."""
+    import imageio.v3 as iio
+
+    yy, xx = np.mgrid[:64, :64]
+    inside = (xx - 31.5) ** 2 + (yy - 31.5) ** 2 < 18 ** 2
+    img = np.zeros((64, 64, 4), np.uint8)
+    img[inside] = [220, 40, 30, 255]
+    path = tmp_path_factory.mktemp("img") / "disc_rgba.png"
+    iio.imwrite(path, img)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return str(path)
+
+
+def overrides(tmp_path, image, *extra):
+    return [f"image={image}", f"exp_root_dir={tmp_path / 'out'}", *extra]
+
+
+def test_train_writes_trial_folder_and_resume_continues(tmp_path, tiny_config, disc_png):
+    trial = run_experiment(tiny_config, overrides(tmp_path, disc_png))
+    assert trial == str(tmp_path / "out" / "tiny" / "t")
+    for rel in ("configs/parsed.yaml", "ckpts/last.ckpt", "save/it2-val.png", "save/it4-test.mp4", "export/model.obj"):
+        assert os.path.isfile(os.path.join(trial, rel)), rel
+    ckpt = os.path.join(trial, "ckpts", "last.ckpt")
+    assert load_checkpoint(ckpt)["step"] == 4
+    before = load_checkpoint(ckpt)["system"]["geometry.density_raw"].clone()
+    run_experiment(tiny_config, overrides(tmp_path, disc_png, f"resume={ckpt}", "trainer.max_steps=6"))
+    after = load_checkpoint(ckpt)
+    assert after["step"] == 6
+    assert not torch.equal(before, after["system"]["geometry.density_raw"])
+
+
+def test_training_reduces_reference_loss(tmp_path, tiny_config, disc_png):
+    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.max_steps=40", "trainer.val_every=0"))
+    exp = Experiment(cfg)
+    ref = exp.data.reference_view()
+    exp.system.eval()
+
+    def ref_error():
+        with torch.no_grad():
+            out = exp.system.render(ref.camera, bg_color=torch.ones(3))
+        return torch.nn.functional.mse_loss(out["comp_rgb"][0], ref.rgb).item()
+
+    start = ref_error()
+    exp.train()
+    exp.system.eval()
+    assert ref_error() < 0.5 * start
+
+
+def test_ctrl_c_saves_checkpoint_that_resumes(tmp_path, tiny_config, disc_png, monkeypatch):
+    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=0"))
+    exp = Experiment(cfg)
+    real_step = exp.system.training_step
+
+    def interrupt_at_3(reference, views, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(reference, views, step)
+
+    monkeypatch.setattr(exp.system, "training_step", interrupt_at_3)
+    with pytest.raises(Interrupted) as e:
+        exp.train()
+    assert load_checkpoint(e.value.ckpt_path)["step"] == 3
+    assert "resume=" in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config, disc_png, monkeypatch):
+    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=1"))
+    exp = Experiment(cfg)
+    real_step = exp.system.training_step
+
+    def nan_at_2(reference, views, step):
+        out = real_step(reference, views, step)
+        if step == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(exp.system, "training_step", nan_at_2)
+    with pytest.raises(UserError, match="not finite at step 2") as e:
+        exp.train()
+    assert "last good checkpoint" in str(e.value)
+    ckpt = load_checkpoint(exp.ckpt_path)
+    assert ckpt["step"] == 2 and torch.isfinite(ckpt["system"]["geometry.density_raw"]).all()
+
+
+def test_bad_learning_rate_is_a_user_error(tmp_path, tiny_config, disc_png):
+    exp = Experiment(load_config(tiny_config, overrides(tmp_path, disc_png, "system.optimizer.lr=-1")))
+    with pytest.raises(UserError, match="system.optimizer.lr"):
+        exp.system.configure_optimizer()
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "LIFT3D_NO_PROGRESS": "1"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["image=/no/such.png"], "not found"),
+    (["system.loss.lamda_rgb=1"], "system.loss.lamda_rgb"),
+    (["system.geometry_type=voxel-rff"], "voxel-rf"),
+    (["trainer.max_steps=many"], "trainer.max_steps"),
+    (["resume=/no/such.ckpt"], "checkpoint not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_config, disc_png, extra, message):
+    base = [f"image={disc_png}", f"exp_root_dir={tmp_path}"]
+    r = cli("--config", tiny_config, *base, *extra)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_config, disc_png):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    r = cli("--config", tiny_config, f"image={disc_png}", f"resume={bad}", "--export")
+    assert r.returncode != 0 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
