@@ -20,6 +20,9 @@ def atomic_path(path: str) -> Iterator[str]:
     suffix = os.path.splitext(path)[1]  # keep the extension: some writers pick the format by it
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
