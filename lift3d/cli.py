@@ -48,30 +48,26 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
+# Subcommands that live next to the code they drive: "module:function", imported on use.
+# Each function takes the argument list and returns an exit code.
+COMMANDS: dict[str, object] = {
     "launch": _launch,
     "eval": _eval,
+    "bench": "lift3d.bench:main",
+    "render-gso": "lift3d.data.gso:main",
+    "nvs": "lift3d.zero123.nvs:main",
+    "convert-ckpt": "lift3d.zero123.loading:convert_ckpt_main",
+    "train-zero123": "lift3d.training.train_zero123:main",
 }
 
 
-def register_command(name: str):
-    def decorator(fn):
-        COMMANDS[name] = fn
-        return fn
-
-    return decorator
-
-
-def _optional_commands() -> None:
-    """Subcommands that live next to the code they drive (bench, render-gso, nvs, convert-ckpt, ...)."""
+def _resolve(command) -> Callable[[list[str]], int]:
+    if callable(command):
+        return command
     import importlib
 
-    for module in ("lift3d.commands",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    module, name = command.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -93,7 +89,6 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _optional_commands()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = ", ".join(sorted(COMMANDS))
         if argv and argv[0] not in ("-h", "--help"):
@@ -102,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"usage: lift3d COMMAND [options]\ncommands: {names}\n"
               "run 'lift3d COMMAND --help' for a command's options")
         return 0
-    return run(COMMANDS[argv[0]], argv[1:])
+    return run(_resolve(COMMANDS[argv[0]]), argv[1:])
 
 
 def launch_main() -> None:

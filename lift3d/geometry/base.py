@@ -6,7 +6,8 @@ A geometry is a field inside the axis-aligned box ``[-radius, radius]^3`` (world
 - ``density(points)`` -> (N,), the cheap path used by the occupancy grid and mesh extraction;
 - ``density_grid(resolution)`` -> (R, R, R) densities at the centres of a regular grid over the
   box, indexed [ix, iy, iz] along world x, y, z (what marching cubes consumes);
-- ``color(points)`` -> (N, 3) RGB in [0, 1] for texture baking (RGB fields only).
+- ``color(points)`` -> (N, 3) RGB in [0, 1] for texture baking (RGB fields only);
+- ``normal(points, eps)`` -> (N, 3) unit normals -grad(sigma)/|grad(sigma)| by central differences.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ class BaseGeometry(PluginModule):
         if self.n_feature_dims != 3:
             raise ValueError(f"{type(self).__name__} stores {self.n_feature_dims} latent channels, not RGB")
         return self.forward(points)["features"]
+
+    def normal(self, points: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+        """Outward unit normals (N, 3) from central differences of the density, step ``eps``.
+
+        Finite differences rather than autograd: the same code for every field, usable under
+        ``torch.no_grad`` (evaluation), and differentiable for normal losses without a double
+        backward through the field (six more density queries instead). Where the density is
+        flat (|grad| well under 0.01) the normal fades to zero instead of dividing by ~0, which
+        keeps its derivative bounded."""
+        offsets = eps * torch.cat([torch.eye(3), -torch.eye(3)]).to(points)        # (6, 3)
+        d = self.density((points[:, None, :] + offsets).reshape(-1, 3)).view(-1, 6)
+        grad = (d[:, :3] - d[:, 3:]) / (2 * eps)
+        return -grad / torch.sqrt((grad ** 2).sum(-1, keepdim=True) + 1e-4)
 
     def grid_points(self, resolution: int) -> torch.Tensor:
         """(R, R, R, 3) world positions of the grid cell centres over the box."""

@@ -36,12 +36,14 @@ def normal_smoothness(normal: torch.Tensor) -> torch.Tensor:
     return ((normal[:, 1:] - normal[:, :-1]) ** 2).mean() + ((normal[:, :, 1:] - normal[:, :, :-1]) ** 2).mean()
 
 
-def orientation(normal_world: torch.Tensor, opacity: torch.Tensor, ray_dirs: torch.Tensor) -> torch.Tensor:
-    """Penalise visible normals that face away from the camera: opacity * max(0, n . d)^2, averaged
-    over covered pixels. Computed on composited normals (a per-pixel form of DreamFusion's term)."""
-    facing_away = F.relu((normal_world * ray_dirs).sum(-1, keepdim=True)) ** 2
+def orientation(weighted_normal: torch.Tensor, opacity: torch.Tensor, ray_dirs: torch.Tensor) -> torch.Tensor:
+    """Penalise visible normals that face away from the camera: max(0, n . d)^2 summed over pixels
+    and divided by the number of covered pixels. ``weighted_normal`` is the opacity-weighted world
+    normal sum_i w_i n_i (the renderer's ``comp_normal * 2 - 1``), so faint pixels count less; a
+    per-pixel form of DreamFusion's per-sample term."""
+    facing_away = F.relu((weighted_normal * ray_dirs).sum(-1, keepdim=True)) ** 2
     covered = (opacity.detach() > 0.01).sum().clamp(min=1)
-    return (opacity.detach() * facing_away).sum() / covered
+    return facing_away.sum() / covered
 
 
 def sparsity(opacity: torch.Tensor) -> torch.Tensor:
