@@ -95,6 +95,19 @@ def test_training_reduces_reference_loss(tmp_path, tiny_config, disc_png):
     assert ref_error() < 0.5 * start
 
 
+def test_every_regulariser_gives_finite_gradients(tmp_path, tiny_config, disc_png):
+    names = ["depth_smooth_ref", "depth_smooth", "near_view", "normal_smooth", "orient", "sparsity", "opaque"]
+    exp = Experiment(load_config(tiny_config, overrides(tmp_path, disc_png,
+                                                        *[f"system.loss.lambda_{n}=0.1" for n in names])))
+    exp.system.train()
+    out = exp.system.training_step(exp.data.reference_view(), exp.data.sample_views(exp.generator), 0)
+    for n in names:
+        assert torch.isfinite(out[f"loss_{n}"]), n
+    out["loss"].backward()
+    grad = exp.system.geometry.density_raw.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_ctrl_c_saves_checkpoint_that_resumes(tmp_path, tiny_config, disc_png, monkeypatch):
     cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=0"))
     exp = Experiment(cfg)
