@@ -91,11 +91,16 @@ class ImageTo3D(PluginModule):
             if self.latent_field:
                 raise UserError("a latent (4-channel) field needs a guidance to decode it; set system.guidance_type")
             return
-        self.guidance = find(self.cfg.guidance_type, "guidance")(self.cfg.guidance, path="system.guidance")
-        self.guidance.prepare(reference, context)
-        if self.latent_field and getattr(self.guidance, "render_space", "rgb") != "latent":
-            raise UserError(f"geometry has 4 latent channels but guidance '{self.cfg.guidance_type}' "
-                            "works on RGB; set system.geometry.n_feature_dims=3")
+        guidance = find(self.cfg.guidance_type, "guidance")(self.cfg.guidance, path="system.guidance")
+        # Check the colour space before prepare(), which may load a large model.
+        space = getattr(guidance, "render_space", "rgb")
+        wanted = "latent" if self.latent_field else "rgb"
+        if space not in ("auto", wanted):
+            raise UserError(f"system.geometry has {self.geometry.n_feature_dims} feature channels but guidance "
+                            f"'{self.cfg.guidance_type}' works on {space} renders; set "
+                            f"system.geometry.n_feature_dims={4 if space == 'latent' else 3}")
+        guidance.prepare(reference, context)
+        self.guidance = guidance
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer

@@ -1,0 +1,147 @@
+"""The Zero123 model: a Stable-Diffusion UNet with 8 input channels conditioned on one image and
+a relative camera pose, plus its VAE, CLIP image encoder, camera projection and noise schedule.
+
+Conditioning follows the original (cvlab-columbia/zero123, ldm ``LatentDiffusion`` with
+``conditioning_key: hybrid``):
+- cross-attention context: ``projection(cat(clip_image_embedding, pose))``, one token (B, 1, D);
+- channel concat: the condition image's VAE latent **unscaled** (``latent_dist.mode()``);
+- classifier-free guidance: the unconditional half has a zero context token (zeros *after* the
+  projection) and a zero concat latent; the batch order is [uncond, cond];
+- CLIP preprocessing: bicubic resize with ``align_corners=True`` from [-1, 1], then CLIP mean/std.
+
+Images are (B, 3, H, W); ``*_01`` arguments are in [0, 1] composited on white. Latents fed to the
+UNet ("scaled") are VAE latents times ``latent_scale`` (0.18215).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Zero123Condition:
+    """The encoded condition image: CLIP embedding (B, 1, D) and unscaled VAE latent (B, 4, h, w)."""
+
+    embedding: torch.Tensor
+    latent: torch.Tensor
+
+
+class Zero123Model(nn.Module):
+    def __init__(self, unet, vae, image_encoder, projection: nn.Linear, scheduler):
+        super().__init__()
+        self.unet, self.vae, self.image_encoder, self.projection = unet, vae, image_encoder, projection
+        self.scheduler = scheduler  # a diffusers DDIMScheduler: not a module, holds no weights
+        self.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ loading / saving
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, variant: Optional[str] = None,
+                        use_ema: bool = True) -> "Zero123Model":
+        """Load a kxic or bennyguo/ashawkey diffusers folder, an original ``.ckpt`` or a hub id."""
+        from lift3d.zero123.loading import load
+
+        return load(path, torch_dtype=torch_dtype, variant=variant, use_ema=use_ema)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write a diffusers folder in the kxic layout (``cc_projection/``), safetensors weights."""
+        from lift3d.zero123.loading import save
+
+        save(self, out_dir)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model was trained on (256 for Zero123)."""
+        return int(self.vae.config.sample_size)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0 .. T-1 (float32, on the model's device)."""
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # ------------------------------------------------------------------ encoders
+
+    def clip_preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> CLIP input, exactly as ldm's FrozenCLIPImageEmbedder (kornia resize,
+        bicubic, align_corners=True, no antialias)."""
+        size = int(self.image_encoder.config.image_size)
+        x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=True)
+        x = (x + 1) / 2
+        mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def encode_condition(self, images_01: torch.Tensor) -> Zero123Condition:
+        """Encode condition images (B, 3, H, W) in [0, 1] (H = W = ``image_size`` as trained)."""
+        x = (images_01 * 2 - 1).to(self.device, self.dtype)
+        embedding = self.image_encoder(pixel_values=self.clip_preprocess(x)).image_embeds[:, None]
+        latent = self.vae.encode(x).latent_dist.mode()  # unscaled, as the original
+        return Zero123Condition(embedding, latent)
+
+    def encode(self, images_01: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (differentiable w.r.t. the images)."""
+        dist = self.vae.encode((images_01 * 2 - 1).to(self.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return z * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] (not clamped; differentiable w.r.t. the latents)."""
+        x = self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample
+        return (x.float() + 1) / 2
+
+    # ------------------------------------------------------------------ denoiser
+
+    def context(self, condition: Zero123Condition, pose: torch.Tensor) -> torch.Tensor:
+        """Cross-attention token (B, 1, D) for relative poses (B, 4) = projection(clip ⊕ pose)."""
+        pose = pose.to(self.device, self.dtype)
+        embedding = condition.embedding.expand(len(pose), -1, -1)
+        return self.projection(torch.cat([embedding, pose[:, None]], dim=-1))
+
+    def cfg_batch(self, noisy: torch.Tensor, condition: Zero123Condition, pose: torch.Tensor):
+        """UNet inputs for classifier-free guidance, order [uncond, cond]:
+        (2B, 8, h, w) noisy latents ⊕ concat latent, and (2B, 1, D) contexts."""
+        b = len(noisy)
+        cond_ctx = self.context(condition, pose)
+        concat = condition.latent.to(noisy.dtype).expand(b, -1, -1, -1)
+        latents = torch.cat([noisy, noisy])
+        concat = torch.cat([torch.zeros_like(concat), concat])
+        return torch.cat([latents, concat], dim=1), torch.cat([torch.zeros_like(cond_ctx), cond_ctx])
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, condition: Zero123Condition,
+                      pose: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """CFG noise prediction ε_u + s (ε_c − ε_u) for scaled noisy latents (B, 4, h, w) at
+        timesteps ``t`` (B,) or scalar. Returns float32."""
+        noisy = noisy.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy))
+        unet_in, ctx = self.cfg_batch(noisy, condition, pose)
+        eps = self.unet(unet_in, torch.cat([t, t]), encoder_hidden_states=ctx).sample.float()
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -1,0 +1,255 @@
+"""Zero123 conditioning (pose, CFG batch, concat latent, CLIP preprocessing) and the SDS / SJC
+guidance plugins, on a tiny random model; each checked against an independent computation."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from lift3d.cameras import Cameras
+from lift3d.config import parse_config
+from lift3d.data.reference import ReferenceView
+from lift3d.errors import UserError
+from lift3d.guidance import zero123_common
+from lift3d.guidance.base import GuidanceContext
+from lift3d.guidance.zero123_sds import Zero123SDS
+from lift3d.guidance.zero123_sjc import Zero123SJC
+from lift3d.zero123.random_model import random_zero123
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+REF = dict(elevation=20.0, azimuth=0.0, distance=2.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("zero123") / "tiny")
+    random_zero123("tiny", seed=1).save_pretrained(path)
+    return path
+
+
+def reference(size=64):
+    rgba = torch.rand(size, size, 4, generator=torch.Generator().manual_seed(0))
+    camera = Cameras.from_spherical(REF["elevation"], REF["azimuth"], REF["distance"], 40.0, size, size)
+    return ReferenceView(rgba, camera)
+
+
+def make(cls, model_dir, **cfg):
+    guidance = cls({"pretrained_model_name_or_path": model_dir, **cfg}, path="system.guidance")
+    guidance.prepare(reference(), GuidanceContext(device=torch.device("cpu")))
+    return guidance
+
+
+@pytest.fixture(scope="module")
+def sjc(model_dir):
+    return make(Zero123SJC, model_dir)
+
+
+@pytest.fixture(scope="module")
+def sds(model_dir):
+    return make(Zero123SDS, model_dir)
+
+
+VIEWS = Cameras.from_spherical([50.0, -10.0], [120.0, -60.0], [2.2, 1.8], 40.0, 8, 8)
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+def test_pose_vector(sjc, model_dir):
+    # polar = 90° − elevation; Δazimuth in degrees; Δradius.
+    expected = torch.tensor([[math.radians((90 - e) - (90 - REF["elevation"])), math.sin(math.radians(a)),
+                              math.cos(math.radians(a)), d - REF["distance"]]
+                             for e, a, d in ((50, 120, 2.2), (-10, -60, 1.8))])
+    assert torch.allclose(sjc.poses(VIEWS), expected, atol=1e-5)
+    stable = make(Zero123SJC, model_dir, pose_variant="stable")
+    expected[:, 3] = math.radians(90 - REF["elevation"])
+    assert torch.allclose(stable.poses(VIEWS), expected, atol=1e-5)
+
+
+def test_condition_latent_is_unscaled_mode(sjc):
+    model, image = sjc.model, reference().rgb.permute(2, 0, 1)[None]
+    with torch.no_grad():
+        moments = model.vae.quant_conv(model.vae.encoder(image * 2 - 1))
+    assert torch.allclose(sjc.condition.latent, moments[:, :4], atol=1e-5)  # the mean, not ×0.18215
+
+
+def test_clip_preprocessing(sjc):
+    model = sjc.model
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    out = model.clip_preprocess(x)
+    size = model.image_encoder.config.image_size
+    assert out.shape == (1, 3, size, size)
+    # align_corners=True keeps the corner pixels; then CLIP's mean/std.
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    for (i, j), (k, m) in (((0, 0), (0, 0)), ((-1, -1), (-1, -1)), ((0, -1), (0, -1))):
+        assert torch.allclose(out[0, :, i, j], ((x[0, :, k, m] + 1) / 2 - mean) / std, atol=1e-5)
+    embedding = model.image_encoder(pixel_values=out).image_embeds
+    cond = model.encode_condition((x + 1) / 2)
+    assert torch.allclose(cond.embedding[:, 0], embedding, atol=1e-5)
+
+
+def test_cfg_batch_and_guided_noise(sjc):
+    model, cond = sjc.model, sjc.condition
+    noisy, pose = torch.randn(2, 4, 8, 8), sjc.poses(VIEWS)
+    unet_in, ctx = model.cfg_batch(noisy, cond, pose)
+    # [uncond, cond]: zero token after the projection and zero concat latent, then the conditioned pair.
+    W, b = model.projection.weight, model.projection.bias
+    tokens = torch.cat([cond.embedding[0, 0].expand(2, -1), pose], 1) @ W.T + b
+    assert torch.equal(ctx[:2], torch.zeros_like(ctx[:2]))
+    assert torch.allclose(ctx[2:, 0], tokens, atol=1e-5)
+    assert torch.equal(unet_in[:, :4], torch.cat([noisy, noisy]))
+    assert torch.equal(unet_in[:2, 4:], torch.zeros(2, 4, 8, 8))
+    assert torch.allclose(unet_in[2:, 4:], cond.latent.expand(2, -1, -1, -1))
+
+    t, scale = torch.tensor([900, 15]), 7.5
+    with torch.no_grad():
+        eps = model.predict_noise(noisy, t, cond, pose, scale)
+        unet = lambda x, c: model.unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+        e_u = unet(torch.cat([noisy, torch.zeros_like(noisy)], 1), torch.zeros(2, 1, 32))
+        e_c = unet(torch.cat([noisy, cond.latent.expand(2, -1, -1, -1)], 1), tokens[:, None])
+    assert torch.allclose(eps, e_u + scale * (e_c - e_u), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- SJC / SDS
+
+
+class Recorder:
+    """Stands in for predict_noise: records its inputs, returns a known ε̂ = 0.3·x + 0.1."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, noisy, t, condition, pose, scale):
+        self.calls.append((noisy.clone(), t.clone(), pose.clone(), scale))
+        return 0.3 * noisy + 0.1
+
+
+def latent_render(b=2, size=8, seed=0):
+    x = torch.randn(b, size, size, 4, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    return {"comp_rgb": x}
+
+
+def test_sjc_tick_range_matches_3drec(sjc):
+    lo, hi = sjc.step_range(0)
+    assert (lo, hi) == (10, 969)  # us[30:-10]
+    sigma = sjc.sigmas()
+    assert abs(sigma[lo] - 0.0983) < 1e-3 and abs(sigma[hi] - 12.23) < 1e-2
+    assert abs(sigma[0] - 0.029) < 1e-3 and abs(sigma[999] - 14.61) < 1e-2
+
+
+def test_sjc_score_is_paas(sjc, monkeypatch):
+    rec = Recorder(sjc.model)
+    monkeypatch.setattr(sjc.model, "predict_noise", rec)
+    noise = torch.randn(2, 4, 8, 8)
+    monkeypatch.setattr(torch, "randn_like", lambda y, **k: noise.clone())
+    render = latent_render()
+    out = sjc(render, VIEWS, step=0)
+    out["loss_guidance"].backward()
+    y = render["comp_rgb"].detach().permute(0, 3, 1, 2)
+    noisy, t, pose, scale = rec.calls[0]
+    a = sjc.model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert scale == 100.0 and ((t >= 10) & (t <= 969)).all()
+    assert torch.allclose(pose, sjc.poses(VIEWS))
+    # UNet input is the DDPM-noised latent at t; the PAAS score is ε − ε̂; the render gets −score / B.
+    assert torch.allclose(noisy, a.sqrt() * y + (1 - a).sqrt() * noise, atol=1e-5)
+    score = noise - (0.3 * noisy + 0.1)
+    assert torch.allclose(render["comp_rgb"].grad.permute(0, 3, 1, 2), -score / 2, atol=1e-4)
+
+
+def test_sjc_without_var_red(model_dir, monkeypatch):
+    g = make(Zero123SJC, model_dir, var_red=False)
+    monkeypatch.setattr(g.model, "predict_noise", Recorder(g.model))
+    y = torch.randn(1, 4, 8, 8)
+    grad, sigma, _ = g.score(y, g.poses(VIEWS[:1]), 0)
+    noisy = g.model.predict_noise.calls[0][0]
+    assert torch.allclose(grad, -(0.3 * noisy + 0.1), atol=1e-5)  # (D − z_s)/σ = −ε̂
+
+
+def test_sds_gradient(sds, monkeypatch):
+    rec = Recorder(sds.model)
+    monkeypatch.setattr(sds.model, "predict_noise", rec)
+    render = latent_render()
+    sds(render, VIEWS, step=0)["loss_guidance"].backward()
+    z = render["comp_rgb"].detach().permute(0, 3, 1, 2)
+    noisy, t, _, scale = rec.calls[0]
+    a = sds.model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = (noisy - a.sqrt() * z) / (1 - a).sqrt()
+    expected = (1 - a) * (0.3 * noisy + 0.1 - noise) / 2
+    assert scale == 3.0 and ((t >= 20) & (t <= 980)).all()
+    assert torch.allclose(render["comp_rgb"].grad.permute(0, 3, 1, 2), expected, atol=1e-4)
+
+
+def test_sds_step_schedule_clip_and_nan_guard(model_dir, monkeypatch):
+    g = make(Zero123SDS, model_dir, min_step_percent=[0, 0.4, 0.2, 200], max_step_percent=[0, 0.85, 0.5, 200],
+             grad_clip=0.01)
+    assert g.step_range(0) == (400, 850) and g.step_range(200) == (200, 500) and g.step_range(100) == (300, 675)
+    nan_but_first_channel = lambda x, *a: torch.full_like(x, float("nan")).index_fill(1, torch.tensor([0]), 50.0)  # noqa
+    monkeypatch.setattr(g.model, "predict_noise", nan_but_first_channel)
+    render = latent_render(1)
+    g(render, VIEWS[:1], step=0)["loss_guidance"].backward()
+    grad = render["comp_rgb"].grad
+    assert torch.isfinite(grad).all() and grad.abs().max() <= 0.01 + 1e-7 and grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("cls", [Zero123SJC, Zero123SDS])
+def test_rgb_renders_get_gradients(cls, model_dir):
+    g = make(cls, model_dir)
+    rgb = torch.rand(2, 32, 32, 3, requires_grad=True)
+    out = g({"comp_rgb": rgb}, VIEWS, step=0)
+    out["loss_guidance"].backward()
+    assert rgb.grad.abs().sum() > 0 and torch.isfinite(rgb.grad).all()
+    assert {"guidance_t", "guidance_grad_norm"} <= set(out)
+
+
+def test_latent_field_decode_and_render_space(model_dir, sjc):
+    feats = torch.randn(2, 8, 8, 4, requires_grad=True)
+    rgb = sjc.decode_features(feats)
+    assert rgb.shape == (2, 64, 64, 3)
+    rgb.mean().backward()
+    assert feats.grad.abs().sum() > 0
+    g = make(Zero123SJC, model_dir, render_space="latent")
+    assert g.render_space == "latent"
+    with pytest.raises(UserError, match="render_space 'latent' needs 4-channel"):
+        g({"comp_rgb": torch.rand(1, 32, 32, 3)}, VIEWS[:1], 0)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_default_model_missing(monkeypatch):
+    monkeypatch.setattr(zero123_common, "BUNDLED_MODEL", "/nonexistent/zero123-mini")
+    g = Zero123SJC({}, path="system.guidance")
+    with pytest.raises(UserError, match="pretrained_model_name_or_path"):
+        g.prepare(reference(), GuidanceContext(device=torch.device("cpu")))
+    with pytest.raises(UserError, match="pose_variant"):
+        Zero123SDS({"pose_variant": "stabel"}, path="system.guidance")
+
+
+@pytest.mark.parametrize("name", ["zero123-sjc.yaml", "zero123-sds.yaml", "stable-zero123.yaml",
+                                  "zero123-sjc-cpu.yaml"])
+def test_guidance_blocks_swap_between_sjc_and_sds(name):
+    from lift3d.config import _load_yaml
+
+    cfg = _load_yaml(os.path.join(CONFIGS, name))
+    block = OmegaConf.to_container(cfg.system.guidance)
+    assert cfg.system.guidance_type in ("zero123-sjc", "zero123-sds")
+    for cls in (Zero123SJC, Zero123SDS):
+        parse_config(cls.Config, block, "system.guidance")
+
+
+@pytest.mark.slow
+def test_full_size_model_one_guidance_step():
+    """Zero123's real shapes with random weights (~5 GB RAM): one SJC step on a 32x32 latent render
+    with backward, and a decode of it to 256^2."""
+    g = Zero123SJC({}, path="system.guidance")
+    g.model = random_zero123("full")
+    g.set_reference(reference(256))
+    assert g.condition.embedding.shape == (1, 1, 768) and g.condition.latent.shape == (1, 4, 32, 32)
+    render = latent_render(1, 32)
+    g(render, VIEWS[:1].with_size(32, 32), step=0)["loss_guidance"].backward()
+    assert torch.isfinite(render["comp_rgb"].grad).all() and render["comp_rgb"].grad.abs().sum() > 0
+    with torch.no_grad():
+        assert g.decode_features(render["comp_rgb"]).shape == (1, 256, 256, 3)
