@@ -54,7 +54,7 @@ COMMANDS: dict[str, object] = {
     "launch": _launch,
     "eval": _eval,
     "bench": "lift3d.bench:main",
-    "render-gso": "lift3d.data.gso:main",
+    "render-gso": "lift3d.data.gso:render_main",
     "nvs": "lift3d.zero123.nvs:main",
     "convert-ckpt": "lift3d.zero123.loading:convert_ckpt_main",
     "train-zero123": "lift3d.training.train_zero123:main",

@@ -148,3 +148,33 @@ def render_gso(object_dir: str, out_dir: str, *, resolution: Optional[int] = Non
     paths["input"] = os.path.join(out_dir, "input.png")
     io.write_json(paths["cameras"], meta)   # written last: its presence marks a complete render
     return paths
+
+
+def render_main(argv: list) -> int:
+    """``lift3d render-gso --object DIR --out DIR [...]``."""
+    import argparse
+
+    from lift3d.evaluation import protocols as P
+
+    p = argparse.ArgumentParser(prog="lift3d render-gso", description="Render the input view and the evaluation "
+                                "views (RGBA + depth + cameras.json) of a GSO-layout object on the CPU.")
+    p.add_argument("--object", required=True, help="object folder (<NAME>/meshes/model.obj inside)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resolution", type=int, default=P.EVAL_RESOLUTION)
+    p.add_argument("--views", type=int, default=P.EVAL_N_VIEWS, help="views evenly spaced in azimuth")
+    p.add_argument("--elevation", type=float, default=P.EVAL_ELEVATION_DEG, help="degrees")
+    p.add_argument("--distance", type=float, default=P.EVAL_DISTANCE)
+    p.add_argument("--fovy", type=float, default=P.EVAL_FOVY_DEG, help="vertical field of view, degrees")
+    p.add_argument("--samples-per-pixel", type=int, default=4, help="a square number (antialiasing)")
+    p.add_argument("--shading", choices=("lambert", "albedo"), default="lambert")
+    args = p.parse_args(argv)
+    if args.resolution < 1 or args.views < 1:
+        raise UserError("--resolution and --views must be positive")
+    k = int(round(args.samples_per_pixel ** 0.5))
+    if k < 1 or k * k != args.samples_per_pixel:
+        raise UserError(f"--samples-per-pixel must be a square number (1, 4, 9, ...), got {args.samples_per_pixel}")
+    paths = render_gso(args.object, args.out, resolution=args.resolution, n_views=args.views,
+                       elevation_deg=args.elevation, distance=args.distance, fovy_deg=args.fovy,
+                       samples_per_pixel=args.samples_per_pixel, shading=args.shading)
+    print(paths["cameras"])
+    return 0

@@ -1,0 +1,365 @@
+"""``lift3d bench``: reconstruct and score every object of a GSO-layout dataset.
+
+For each object: render the input and evaluation views (``render_gso``), run a config on the
+input view (``launch.py`` in-process), score the exported mesh against the ground truth under
+one or more protocols. Each object's result is written to ``<out>/results/<object>.json``
+(atomically) the moment it is done, so a killed run resumes where it stopped: objects with an
+``ok`` result are skipped, failed ones are retried. A failing object is recorded and the others
+go on. After every object the summary is rewritten: ``summary.csv``, ``summary.json`` and
+``summary.md`` (a Markdown table, per object and mean, with the time per object).
+
+Backends: ``local`` runs the objects one after the other in this process; ``ray`` runs them as
+Ray tasks (``ray.init(address)``: a local Ray by default, or a cluster whose nodes have lift3d
+installed and see the dataset and output folders at the same paths), each asking for
+``num_cpus`` / ``num_gpus``. A run killed during an object's training resumes that training from
+the object's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from lift3d.errors import UserError
+from lift3d.utils import io
+
+log = logging.getLogger("lift3d")
+
+# reconstruct(input_png, gt_mesh, out_dir, config, overrides) -> trial folder holding export/model.obj
+Reconstruct = Callable[[str, str, str, str, list], str]
+
+
+@dataclass
+class ObjectTask:
+    """Everything one object's run needs; plain data so it travels to Ray workers."""
+
+    name: str
+    object_dir: str
+    out: str
+    config: str
+    overrides: list = field(default_factory=list)
+    protocols: list = field(default_factory=lambda: ["surface", "syncdreamer"])
+    camera_overrides: bool = True
+    fresh: bool = False                                   # ignore a checkpoint left by a killed run
+    render_options: dict = field(default_factory=dict)    # render_gso keywords (tests: small renders)
+    eval_options: dict = field(default_factory=dict)      # protocol overrides (tests: few points)
+
+    @property
+    def result_path(self) -> str:
+        return os.path.join(self.out, "results", f"{self.name}.json")
+
+
+def camera_overrides(cameras_json: str) -> list[str]:
+    """single-image data overrides that put the reference camera exactly where the input was rendered."""
+    with open(cameras_json) as f:
+        meta = json.load(f)
+    view = meta["views"][meta.get("input_view", 0)]
+    return ["data.foreground_ratio=null", f"data.default_elevation_deg={view['elevation_deg']}",
+            f"data.default_azimuth_deg={view['azimuth_deg']}", f"data.default_camera_distance={view['distance']}",
+            f"data.default_fovy_deg={view['fovy_deg']}"]
+
+
+def launch_overrides(input_png: str, gt_mesh: str, out_dir: str, config: str) -> list[str]:
+    """Where ``launch.py`` puts the object's trial: ``<out_dir>/trial/<config name>/``."""
+    return [f"image={input_png}", f"gt={gt_mesh}", f"exp_root_dir={out_dir}", "name=trial",
+            f"tag={os.path.splitext(os.path.basename(config))[0]}", "use_timestamp=false"]
+
+
+def launch_reconstruct(input_png: str, gt_mesh: str, out_dir: str, config: str, overrides: list,
+                       fresh: bool = False) -> str:
+    """The default reconstruction: ``launch.py --config CONFIG image=.. gt=..`` in this process.
+
+    A checkpoint left by a killed run of the same object is resumed unless ``fresh``.
+    """
+    from lift3d.runner import run_experiment
+
+    fixed = launch_overrides(input_png, gt_mesh, out_dir, config)
+    ckpt = os.path.join(out_dir, "trial", os.path.splitext(os.path.basename(config))[0], "ckpts", "last.ckpt")
+    resume = [f"resume={ckpt}"] if os.path.isfile(ckpt) and not fresh else ["resume=null"]
+    return run_experiment(config, fixed + resume + list(overrides), "train")
+
+
+def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> dict:
+    """Render, reconstruct, score one object; write and return its result (failures included)."""
+    from lift3d.data.gso import mesh_path, render_gso
+    from lift3d.evaluation.metrics import evaluate
+
+    if reconstruct is None:
+        reconstruct = lambda *a: launch_reconstruct(*a, fresh=task.fresh)  # noqa: E731
+    work = os.path.join(task.out, "objects", task.name)
+    result = {"object": task.name, "object_dir": os.path.abspath(task.object_dir), "config": task.config,
+              "overrides": list(task.overrides), "host": socket.gethostname(), "seconds": {}}
+    t_start = time.time()
+    stage = "render"
+    try:
+        gt = mesh_path(task.object_dir)
+        render_dir = os.path.join(work, "render")
+        t0 = time.time()
+        if not os.path.isfile(os.path.join(render_dir, "cameras.json")):     # written last by render_gso
+            render_gso(task.object_dir, render_dir, **task.render_options)
+        result["seconds"]["render"] = time.time() - t0
+        stage = "reconstruct"
+        overrides = (camera_overrides(os.path.join(render_dir, "cameras.json")) if task.camera_overrides else [])
+        t0 = time.time()
+        trial = reconstruct(os.path.join(render_dir, "input.png"), gt, work, task.config,
+                            overrides + list(task.overrides))
+        result["seconds"]["reconstruct"] = time.time() - t0
+        result["trial_dir"] = os.path.abspath(trial)
+        pred = os.path.join(trial, "export", "model.obj")
+        if not os.path.isfile(pred):
+            raise UserError(f"the run wrote no mesh at {pred}")
+        result["mesh"] = os.path.abspath(pred)
+        stage = "evaluate"
+        t0 = time.time()
+        result["metrics"] = {p: evaluate(pred, gt, p, **task.eval_options) for p in task.protocols}
+        result["seconds"]["evaluate"] = time.time() - t0
+        result["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # recorded; the other objects go on
+        message = str(e).splitlines()[0] if str(e) else ""
+        result.update(status="failed", stage=stage, error=f"{type(e).__name__}: {message}",
+                      traceback=traceback.format_exc())
+    result["seconds"]["total"] = time.time() - t_start
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    io.write_json(task.result_path, result)
+    return result
+
+
+def _load_result(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_bench(dataset: str, config: str, out: str, objects: Optional[list] = None, backend: str = "local",
+              address: Optional[str] = None, protocols: tuple = ("surface", "syncdreamer"), overrides: tuple = (),
+              num_cpus: Optional[float] = None, num_gpus: Optional[float] = None, force: bool = False,
+              camera_overrides: bool = True, reconstruct: Optional[Reconstruct] = None,
+              render_options: Optional[dict] = None, eval_options: Optional[dict] = None) -> dict:
+    """Run the benchmark; returns the summary (also written to ``<out>/summary.{json,csv,md}``).
+
+    ``objects``: names (default: every object of ``dataset``). ``force`` re-runs finished objects
+    from scratch. Ray requests per task, when None, come from the config: ``num_cpus`` =
+    ``trainer.num_threads`` (1 if 0); ``num_gpus`` = 0 for ``trainer.device: cpu``, else 1 when the
+    Ray cluster has GPUs.
+    ``reconstruct`` replaces the launch.py run (tests, other engines).
+    """
+    from lift3d.data.gso import list_objects
+    from lift3d.evaluation.protocols import get_protocol
+
+    if backend not in ("local", "ray"):
+        raise UserError(f"unknown backend '{backend}'; use local or ray")
+    if not os.path.isfile(config):
+        raise UserError(f"config file not found: {config}")
+    for p in protocols:
+        get_protocol(p, **(eval_options or {}))
+    names = list_objects(dataset, list(objects) if objects else None)
+    device, threads = "auto", 0
+    if reconstruct is None:
+        exp = _check_config(config, list(overrides), camera_overrides)
+        device, threads = str(exp.trainer.device), int(exp.trainer.num_threads)
+    if num_cpus is None:
+        num_cpus = threads or 1
+    # Absolute paths: Ray workers do not share the driver's working directory.
+    dataset, config, out = os.path.abspath(dataset), os.path.abspath(config), os.path.abspath(out)
+    tasks = [ObjectTask(n, os.path.join(dataset, n), out, config, list(overrides), list(protocols),
+                        camera_overrides, force, dict(render_options or {}), dict(eval_options or {}))
+             for n in names]
+    results = {}
+    todo = []
+    for task in tasks:
+        previous = _load_result(task.result_path)
+        if previous and previous.get("status") == "ok" and not force:
+            results[task.name] = previous
+        else:
+            todo.append(task)
+    if len(todo) < len(tasks):
+        print(f"bench: {len(tasks) - len(todo)} of {len(tasks)} objects already done in {out}; running {len(todo)}",
+              file=sys.stderr)
+
+    def done(result: dict) -> None:
+        results[result["object"]] = result
+        print(f"bench [{len(results)}/{len(tasks)}] {_result_line(result, protocols[0])}", file=sys.stderr)
+        write_summary(out, [results[t.name] for t in tasks if t.name in results], protocols)
+
+    if backend == "local":
+        for task in todo:
+            done(run_object(task, reconstruct))
+    elif todo:
+        _run_ray(todo, address, num_cpus, num_gpus, device, reconstruct, done)
+    return write_summary(out, [results[t.name] for t in tasks if t.name in results], protocols)
+
+
+def _check_config(config: str, overrides: list, with_cameras: bool):
+    """Fail before the first object on a bad config key, not once per object; returns the parsed config."""
+    from lift3d.config import ExperimentConfig, load_config, parse_config
+
+    cams = ["data.foreground_ratio=null", "data.default_elevation_deg=30"] if with_cameras else []
+    return parse_config(ExperimentConfig, load_config(config, launch_overrides("input.png", "gt.obj", "out", config)
+                                                      + cams + overrides))
+
+
+def _run_ray(tasks: list, address: Optional[str], num_cpus: float, num_gpus: Optional[float], device: str,
+             reconstruct: Optional[Reconstruct], done: Callable[[dict], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'lift3d[ray]' (or pip install ray)") from None
+    if not ray.is_initialized():
+        kwargs = {"address": address, "include_dashboard": False, "logging_level": logging.WARNING}
+        if address is None:
+            # Local workers import lift3d from this checkout even when it is not pip-installed.
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+        ray.init(**kwargs)
+    if num_gpus is None:
+        num_gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_object)
+    pending = {remote.remote(t, reconstruct): t for t in tasks}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except Exception as e:  # the worker died (out of memory, crash): record it here
+            result = {"object": task.name, "status": "failed", "stage": "ray",
+                      "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "seconds": {}}
+            io.write_json(task.result_path, result)
+        done(result)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _result_line(result: dict, protocol: str) -> str:
+    seconds = result.get("seconds", {}).get("total", 0.0)
+    if result.get("status") != "ok":
+        return f"{result['object']}: FAILED at {result.get('stage', '?')}: {result.get('error', '')} ({seconds:.0f} s)"
+    m = result["metrics"][protocol]
+    return (f"{result['object']}: {protocol} chamfer {m['chamfer_distance']:.4f} volume IoU {m['volume_iou']:.4f} "
+            f"({seconds:.0f} s)")
+
+
+def _rows(results: list, protocols) -> tuple[list, list]:
+    """Flat per-object rows (for CSV/Markdown) and the column names."""
+    columns = ["object", "status"]
+    for p in protocols:
+        columns += [f"{p}/chamfer", f"{p}/volume_iou"]
+        first_ok = next((r for r in results if r.get("status") == "ok"), None)
+        if first_ok:
+            columns += [f"{p}/f@{t}" for t in first_ok["metrics"][p]["f_score"]]
+    columns += ["seconds_reconstruct", "seconds_total", "error"]
+    rows = []
+    for r in results:
+        row = {"object": r["object"], "status": r.get("status", "?"), "error": r.get("error", ""),
+               "seconds_reconstruct": r.get("seconds", {}).get("reconstruct"),
+               "seconds_total": r.get("seconds", {}).get("total")}
+        for p in protocols if r.get("status") == "ok" else ():
+            m = r["metrics"][p]
+            row[f"{p}/chamfer"], row[f"{p}/volume_iou"] = m["chamfer_distance"], m["volume_iou"]
+            row.update({f"{p}/f@{t}": v for t, v in m["f_score"].items()})
+        rows.append(row)
+    return rows, columns
+
+
+def write_summary(out: str, results: list, protocols) -> dict:
+    """Write summary.json / .csv / .md under ``out``; return the summary dict."""
+    import csv
+    import io as _io
+
+    rows, columns = _rows(results, protocols)
+    ok = [r for r in rows if r["status"] == "ok"]
+    numeric = [c for c in columns if c not in ("object", "status", "error")]
+    mean = {c: sum(r[c] for r in ok if r.get(c) is not None) / max(1, sum(r.get(c) is not None for r in ok))
+            for c in numeric} if ok else {}
+    summary = {"n_objects": len(rows), "n_ok": len(ok), "n_failed": len(rows) - len(ok), "protocols": list(protocols),
+               "mean": mean, "objects": rows,
+               "protocol_details": {p: next((r["metrics"][p]["protocol"] for r in results if r.get("status") == "ok"),
+                                            None) for p in protocols}}
+    io.write_json(os.path.join(out, "summary.json"), summary)
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows + ([{"object": "mean", "status": f"{len(ok)}/{len(rows)} ok", **mean}] if ok else []))
+    io.write_text(os.path.join(out, "summary.csv"), buf.getvalue())
+    io.write_text(os.path.join(out, "summary.md"), markdown_table(rows, columns, mean, len(ok)))
+    return summary
+
+
+def markdown_table(rows: list, columns: list, mean: dict, n_ok: int) -> str:
+    """Chamfer, IoU and F-scores at 0.01/0.02/0.05 of the first protocol, Chamfer and IoU of the
+    others, and the time per object (summary.csv has every column)."""
+    protocols = list(dict.fromkeys(c.split("/")[0] for c in columns if "/" in c))
+    shown = ["object", "status"]
+    for i, p in enumerate(protocols):
+        shown += [f"{p}/chamfer", f"{p}/volume_iou"]
+        shown += [f"{p}/f@{t}" for t in ("0.01", "0.02", "0.05") if i == 0 and f"{p}/f@{t}" in columns]
+    shown += ["seconds_total"]
+
+    def fmt(v):
+        if v is None or v == "":
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.0f}" if v >= 10 else f"{v:.4f}"
+        return str(v)
+
+    header = [c.replace("seconds_total", "time (s)") for c in shown]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(shown)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in shown) + " |")
+    if mean:
+        lines.append(f"| **mean** | {n_ok}/{len(rows)} ok | " + " | ".join(fmt(mean.get(c)) for c in shown[2:]) + " |")
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines += [""] + [f"- {r['object']} failed: {r['error']}" for r in failed]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lift3d bench", description="Reconstruct and score every object of a "
+                                "GSO-layout dataset; re-running resumes (finished objects are skipped).",
+                                epilog="Extra key=value arguments are config overrides for every object's run.")
+    p.add_argument("--dataset", required=True, help="folder of objects laid out as <NAME>/meshes/model.obj")
+    p.add_argument("--config", required=True, help="experiment config (e.g. configs/oracle.yaml)")
+    p.add_argument("--out", required=True, help="output folder (results/, objects/, summary.*)")
+    p.add_argument("--objects", default="", help="comma-separated object names (default: all)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--protocols", default="surface,syncdreamer", help="evaluation protocols, comma-separated")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs per Ray task (default: the config's trainer.num_threads, or 1)")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per Ray task (default: 1 if the cluster has GPUs and trainer.device is not cpu)")
+    p.add_argument("--force", action="store_true", help="re-run objects that already have a result")
+    p.add_argument("--no-camera-overrides", action="store_true",
+                   help="do not set data.default_* from the rendered input camera")
+    return p
+
+
+def main(argv: list) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
+    if bad:
+        raise UserError(f"unknown option {bad[0]}; config overrides are written key=value")
+    summary = run_bench(args.dataset, args.config, args.out,
+                        objects=[o for o in args.objects.split(",") if o] or None, backend=args.backend,
+                        address=args.address, protocols=tuple(p for p in args.protocols.split(",") if p),
+                        overrides=tuple(overrides), num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                        force=args.force, camera_overrides=not args.no_camera_overrides)
+    with open(os.path.join(args.out, "summary.md")) as f:
+        print(f.read(), end="")
+    return 0 if summary["n_failed"] == 0 else 1
