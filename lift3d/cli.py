@@ -102,3 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def launch_main() -> None:
     sys.exit(run(_launch, sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
