@@ -213,3 +213,16 @@ def test_learned_backgrounds():
     assert out.shape == (2, 3, 3, 4) and torch.allclose(out, torch.tensor([1.0, 2.0, 3.0, 4.0]).expand_as(out))
     with pytest.raises(ConfigError):
         LearnedBackground({"kind": "cubemap"})
+
+
+def test_fresh_uniform_voxel_field_is_fully_occupied():
+    """A new voxel grid is a uniform faint fog: the first occupancy refresh must keep every cell,
+    or the field is never evaluated and never trains."""
+    from lift3d.registry import find
+
+    for grid_size in (8, 100):
+        geometry = find("voxel-rf")({"grid_size": grid_size, "n_feature_dims": 4})
+        background = find("solid-color")({"color": [0.0, 0.0, 0.0, 0.0]})
+        renderer = find("volume-renderer")({"occ_warmup_steps": 0}, geometry=geometry, background=background)
+        renderer.update_step(0)
+        assert renderer.occupancy.binary.all(), grid_size

@@ -61,7 +61,9 @@ class OccupancyGrid(nn.Module):
         new = sigma.float() * step_size
         occ = self.occ.view(-1)
         occ[cells] = torch.maximum(occ[cells] * self.ema_decay, new) if self.ready else new
-        threshold = min(self.occ.mean().item(), -math.log(1.0 - self.alpha_threshold))
+        # Slightly under the mean: in a uniform field (a fresh voxel grid) every cell equals the mean
+        # up to float rounding, and all of them must count as occupied.
+        threshold = min(self.occ.mean().item() * (1 - 1e-3), -math.log(1.0 - self.alpha_threshold))
         binary = self.occ >= threshold
         if self.dilation > 0:
             k = 2 * self.dilation + 1
