@@ -47,15 +47,23 @@ HELDOUT_URDF_FROM = 900              # random_urdfs 900..999 are held out
 HELDOUT_PROC_FROM = 100_000          # procedural seeds >= this are held out
 
 
+def _pybullet_data_path() -> str:
+    try:
+        import pybullet_data
+    except ImportError:
+        from lift3d.errors import UserError
+
+        raise UserError("the pybullet meshes of the training set need pybullet: pip install pybullet") from None
+    return pybullet_data.getDataPath()
+
+
 def object_sources(n_procedural: int, n_urdf: int, n_heldout_procedural: int = 16, n_heldout_urdf: int = 12,
                    examples_dir: Optional[str] = "examples", pybullet_meshes: bool = True) -> list[tuple[str, str, Callable]]:
     """``(object_id, split, make_mesh)`` for every object to generate."""
-    import pybullet_data
-
     from lift3d.mesh import load_mesh
     from lift3d.training.shapes import procedural_object
 
-    root = pybullet_data.getDataPath()
+    root = _pybullet_data_path() if (n_urdf or n_heldout_urdf or pybullet_meshes) else ""
     out = []
     for seed in range(n_procedural):
         out.append((f"proc-{seed:06d}", "train", lambda s=seed: procedural_object(s)))
