@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lift3d.training.sampling import ddim_views
+    from lift3d.zero123.nvs import sample
     from lift3d.zero123 import Zero123Model
 
     model = Zero123Model.from_pretrained(args.model, torch_dtype=torch.float32)
@@ -53,8 +53,9 @@ def main(argv=None) -> dict:
     k = len(cond)
     preds = torch.zeros_like(targets)
     for seed in range(args.seeds):
-        views = ddim_views(model, cond.repeat(len(offsets), 1, 1, 1), poses.transpose(0, 1).reshape(-1, 4),
-                           steps=args.steps, guidance_scale=args.guidance, generator=torch.Generator().manual_seed(seed))
+        views = sample(model, model.encode_condition(cond.repeat(len(offsets), 1, 1, 1)),
+                       poses.transpose(0, 1).reshape(-1, 4), steps=args.steps, scale=args.guidance, eta=0.0,
+                       generator=torch.Generator().manual_seed(seed))
         views = views.reshape(len(offsets), k, *views.shape[1:]).transpose(0, 1)
         first = views if seed == 0 else first
         preds += views / args.seeds

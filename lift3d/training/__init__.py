@@ -1,3 +1,3 @@
 """Training our own Zero123-family model on a CPU: multi-view data generation (:mod:`.data`,
 :mod:`.shapes`), presets (:mod:`.arch`), the ``lift3d train-zero123`` trainer (:mod:`.train_zero123`),
-DDIM novel views (:mod:`.sampling`) and novel-view metrics (:mod:`.nvs_eval`)."""
+novel-view metrics (:mod:`.nvs_eval`)."""

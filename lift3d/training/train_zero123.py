@@ -245,7 +245,7 @@ def _write_loss_csv(out: str, losses: list) -> None:
 def _sample_grid(model, heldout, path: str, max_objects: int = 6) -> None:
     """Rows: input | GT +90 | model +90 | GT +180 | model +180, for a few held-out objects."""
     from lift3d.training.nvs_eval import bench_tensors
-    from lift3d.training.sampling import ddim_views
+    from lift3d.zero123.nvs import sample
     from lift3d.utils.images import image_grid
     from lift3d.utils.io import save_image
 
@@ -253,8 +253,8 @@ def _sample_grid(model, heldout, path: str, max_objects: int = 6) -> None:
     model.eval()
     cond, targets, poses = bench_tensors(heldout, max_objects)
     k = len(cond)
-    views = ddim_views(model, cond.repeat(2, 1, 1, 1), torch.cat([poses[:, 0], poses[:, 1]]), steps=25,
-                       generator=torch.Generator().manual_seed(0))
+    views = sample(model, model.encode_condition(cond.repeat(2, 1, 1, 1)), torch.cat([poses[:, 0], poses[:, 1]]),
+                   steps=25, eta=0.0, generator=torch.Generator().manual_seed(0))
     tiles = []
     for i in range(k):
         tiles += [cond[i], targets[i, 0], views[i], targets[i, 1], views[k + i]]

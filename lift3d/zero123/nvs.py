@@ -37,10 +37,11 @@ def sample(model, condition, pose: torch.Tensor, steps: int = 50, scale: float =
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps)
     h, w = condition.latent.shape[-2:]
-    latents = torch.randn((len(pose), 4, h, w), generator=generator).to(model.device) * scheduler.init_noise_sigma
+    latents = torch.randn((len(pose), 4, h, w), generator=generator).to(model.device, model.dtype)
+    latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = model.predict_noise(latents, t, condition, pose, scale)
-        latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+        latents = scheduler.step(eps.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return model.decode(latents).clamp(0, 1)
 
 
