@@ -36,6 +36,26 @@ def hashgrid() -> HashGridNeRF:
     return HashGridNeRF({"n_feature_dims": 3, "hash_backend": "torch"})
 
 
+def time_steps(loss_fn, optimizer, iters: int) -> tuple[float, float, float, float]:
+    """Mean forward, backward, optimiser and process-CPU milliseconds per step over ``iters`` steps,
+    after one uncounted warm-up step (allocators)."""
+    times, cpu = [], 0.0
+    for it in range(iters + 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = loss_fn()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if it:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+            cpu += time.process_time() - c0
+    fwd, bwd, opt = (sum(t[i] for t in times) / len(times) * 1000 for i in range(3))
+    return fwd, bwd, opt, cpu / len(times) * 1000
+
+
 def bench(name: str, field, skip: bool, args) -> None:
     bg = SolidColorBackground({"color": [1.0] * field.n_feature_dims})
     renderer = VolumeRenderer({"num_samples_per_ray": args.samples, "use_occupancy_grid": skip,
@@ -50,25 +70,15 @@ def bench(name: str, field, skip: bool, args) -> None:
         refresh = f"   (grid refresh: first {(t1 - t0) * 1000:.0f} ms, later {(t2 - t1) * 1000:.0f} ms)"
     optimizer = torch.optim.Adam(field.parameters(), lr=1e-2)
     cameras = Cameras.from_spherical(20.0, 30.0, 2.5, 40.0, args.size, args.size)
-    times, cpu = [], 0.0
-    for it in range(args.iters + 1):   # the first iteration warms up allocators and is not counted
-        c0 = time.process_time()
-        t0 = time.perf_counter()
+
+    def loss():
         out = renderer(cameras)
-        loss = (out["comp_rgb"] - 0.5).pow(2).mean() + 0.01 * out["depth"].mean()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if it:
-            times.append((t1 - t0, t2 - t1, t3 - t2))
-            cpu += time.process_time() - c0
-    fwd, bwd, adam = (sum(t[i] for t in times) / len(times) * 1000 for i in range(3))
+        return (out["comp_rgb"] - 0.5).pow(2).mean() + 0.01 * out["depth"].mean()
+
+    fwd, bwd, adam, cpu = time_steps(loss, optimizer, args.iters)
     occ = f"{renderer.occupancy.occupied_fraction:5.1%}" if skip else "  -  "
     print(f"{name:15s} {'on' if skip else 'off':>4s} {occ:>7s} {renderer.stats['evaluated_fraction']:9.1%} "
-          f"{fwd:8.0f} {bwd:8.0f} {adam:6.0f} {fwd + bwd + adam:8.0f} {cpu / len(times) * 1000:8.0f}"
+          f"{fwd:8.0f} {bwd:8.0f} {adam:6.0f} {fwd + bwd + adam:8.0f} {cpu:8.0f}"
           + refresh, flush=True)
 
 
@@ -78,19 +88,7 @@ def bench_encoding(n_points: int, iters: int) -> None:
     enc = hashgrid().encoding
     optimizer = torch.optim.Adam(enc.parameters(), lr=1e-2)
     x = torch.rand(n_points, 3)
-    times = []
-    for it in range(iters + 1):
-        t0 = time.perf_counter()
-        y = enc(x)
-        t1 = time.perf_counter()
-        y.square().mean().backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if it:
-            times.append((t1 - t0, t2 - t1, t3 - t2))
-    fwd, bwd, adam = (sum(t[i] for t in times) / len(times) * 1000 for i in range(3))
+    fwd, bwd, adam, _ = time_steps(lambda: enc(x).square().mean(), optimizer, iters)
     print(f"hash encoding only, {n_points} points: fwd {fwd:.0f} ms, bwd {bwd:.0f} ms, Adam {adam:.0f} ms, "
           f"total {fwd + bwd + adam:.0f} ms")
 

@@ -14,7 +14,6 @@ PSNR and SSIM (Gaussian 11x11, σ 1.5) of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

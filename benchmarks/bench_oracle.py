@@ -12,7 +12,6 @@ images composited on white. Target (issue 2): IoU >= 0.9, PSNR >= 25 dB.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -8,11 +8,9 @@ stop with a clear message when a loss stops being finite (the last good checkpoi
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
-from dataclasses import asdict
 from typing import Optional
 
 import numpy as np

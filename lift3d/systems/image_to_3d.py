@@ -152,9 +152,6 @@ class ImageTo3D(PluginModule):
 
     # ------------------------------------------------------------------ training
 
-    def weight(self, name: str, step: int) -> float:
-        return C(getattr(self.cfg.loss, f"lambda_{name}"), step)
-
     def training_step(self, reference, views: Cameras, step: int) -> dict:
         """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
         w = {name[len("lambda_"):]: C(v, step) for name, v in vars(self.cfg.loss).items()}
