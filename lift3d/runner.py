@@ -195,7 +195,9 @@ class Experiment:
                                        if not self.system.latent_field else
                                        reference.camera.with_size(reference.camera.height // 8,
                                                                   reference.camera.width // 8).to(self.device))
-        row = [reference.rgb, _fit(ref[0], reference.rgb.shape[:2])] + [_fit(i, reference.rgb.shape[:2]) for i in images]
+        extra = getattr(self.system.guidance, "validation_images", lambda: [])()  # e.g. Cascade's self-prompts
+        row = [reference.rgb, _fit(ref[0], reference.rgb.shape[:2])] + \
+            [_fit(i, reference.rgb.shape[:2]) for i in [*images, *extra]]
         io.save_image(self.path("save", f"it{self.step}-val.png"), image_grid(row))
 
     def test(self) -> None:

@@ -34,7 +34,7 @@ def oracle(mesh_path=None, gt_mesh=None, **cfg):
 
 def fake_render(rgba, background):
     """What a renderer would output if its field were exactly the ground truth."""
-    alpha = rgba[..., 3:]
+    alpha = rgba[..., 3:4]
     bg = torch.as_tensor(background, dtype=torch.float32)
     comp = rgba[..., :3] * alpha + bg * (1 - alpha)
     return {"comp_rgb": comp.clone().requires_grad_(True), "opacity": alpha.clone(), "comp_rgb_bg": bg}
@@ -108,3 +108,22 @@ def test_rejects_latent_renders_and_bad_config(mesh_path):
         g(render, cameras(1), step=0)
     with pytest.raises(UserError, match="shading"):
         find("multiview-oracle")({"shading": "phong"})
+
+
+def test_depth_term_penalises_a_filled_concavity_that_colour_cannot_see(mesh_path):
+    """Same colour and mask, wrong depth: only the depth term notices, relative to the true distance."""
+    views = cameras()
+    g = oracle(mesh_path, depth_weight=2.0)
+    gt = g.ground_truth(views)
+    assert gt.shape[-1] == 5 and (gt[..., 4][gt[..., 3] > 0.5] > 0).all()
+    render = fake_render(gt, [1.0, 1.0, 1.0])
+    render["depth"] = gt[..., 4].clone().requires_grad_(True)
+    out = g(render, views, step=0)
+    assert float(out["oracle_depth_rel"]) < 1e-6
+    render["depth"] = (0.9 * gt[..., 4]).requires_grad_(True)    # 10% too near everywhere
+    out = g(render, views, step=0)
+    assert float(out["oracle_depth_rel"]) == pytest.approx(0.1, rel=1e-4)
+    assert float(out["loss_guidance"].detach()) == pytest.approx(2.0 * 0.1, rel=1e-3)
+    out["loss_guidance"].backward()
+    assert render["depth"].grad.abs().sum() > 0
+    assert "oracle_depth_rel" not in oracle(mesh_path)(render, views, step=0)   # off by default

@@ -162,7 +162,7 @@ def test_sjc_without_var_red(model_dir, monkeypatch):
     g = make(Zero123SJC, model_dir, var_red=False)
     monkeypatch.setattr(g.model, "predict_noise", Recorder(g.model))
     y = torch.randn(1, 4, 8, 8)
-    grad, sigma, _ = g.score(y, g.poses(VIEWS[:1]), 0)
+    grad, sigma, _ = g.sjc_score(y, VIEWS[:1], {}, 0, var_red=False)
     noisy = g.model.predict_noise.calls[0][0]
     assert torch.allclose(grad, -(0.3 * noisy + 0.1), atol=1e-5)  # (D − z_s)/σ = −ε̂
 

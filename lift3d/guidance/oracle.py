@@ -32,6 +32,10 @@ class MultiviewOracle(BaseGuidance):
         mesh_path: str = ""              # empty: the run's ground-truth mesh (gt=PATH)
         normalize: bool = True           # longest side 1, centred at the origin
         mask_weight: Any = schedulable(1.0)
+        # L1 on the expected ray distance where the ground truth is covered, relative to the true
+        # distance. Colour and mask alone cannot tell a hollow from a filled concavity of the same
+        # colour (the inside of a cup); the depth of a multi-view RGB-D render can.
+        depth_weight: Any = schedulable(0.0)
         shading: str = "lambert"         # albedo | lambert (fixed world light, view-independent)
         samples_per_pixel: int = 1       # k*k rays per pixel for antialiased edges
         cache_views: int = 64            # ground-truth renders kept for repeated cameras (0: none)
@@ -59,15 +63,17 @@ class MultiviewOracle(BaseGuidance):
 
     @torch.no_grad()
     def ground_truth(self, cameras) -> torch.Tensor:
-        """(B, H, W, 4) straight-alpha ground truth at ``cameras`` (CPU), cached per camera."""
+        """(B, H, W, 5) ground truth at ``cameras`` (CPU): straight-alpha RGBA and the ray distance
+        to the first hit (0 where empty); cached per camera."""
         views = []
         for i in range(len(cameras)):
             camera = cameras[i].to("cpu")
             key = (camera.c2w.numpy().tobytes(), camera.fovy_deg.numpy().tobytes(), camera.height, camera.width)
             view = self._cache.get(key)
             if view is None:
-                view = self.raycaster.render(camera, shading=self.cfg.shading,
-                                             samples_per_pixel=self.cfg.samples_per_pixel)["rgba"][0]
+                out = self.raycaster.render(camera, shading=self.cfg.shading,
+                                            samples_per_pixel=self.cfg.samples_per_pixel)
+                view = torch.cat([out["rgba"][0], out["depth"][0, ..., None]], -1)
                 if self.cfg.cache_views > 0:
                     self._cache[key] = view
                     while len(self._cache) > self.cfg.cache_views:
@@ -86,14 +92,26 @@ class MultiviewOracle(BaseGuidance):
         gt = self.ground_truth(cameras).to(rgb.device, rgb.dtype)
         if gt.shape[1:3] != rgb.shape[1:3]:
             raise ValueError(f"render is {tuple(rgb.shape[1:3])} but the cameras are {tuple(gt.shape[1:3])}")
-        alpha = gt[..., 3:]
+        alpha = gt[..., 3:4]
         background = _background_like(render.get("comp_rgb_bg"), rgb)
         target = gt[..., :3] * alpha + background.detach() * (1 - alpha)
         loss_rgb = torch.mean((rgb - target) ** 2)
         loss_mask = torch.mean((opacity.reshape(alpha.shape) - alpha) ** 2)
         loss = loss_rgb + C(self.cfg.mask_weight, step) * loss_mask
-        psnr = -10 * torch.log10(loss_rgb.detach().clamp_min(1e-10))
-        return {"loss_guidance": loss, "oracle_psnr": psnr, "oracle_mask_mse": loss_mask.detach()}
+        out = {"oracle_psnr": -10 * torch.log10(loss_rgb.detach().clamp_min(1e-10)),
+               "oracle_mask_mse": loss_mask.detach()}
+        depth_weight = C(self.cfg.depth_weight, step)
+        if depth_weight > 0:
+            if "depth" not in render:
+                raise UserError("system.guidance.depth_weight > 0 needs a renderer that outputs depth")
+            covered = (alpha[..., 0] > 0.5) & (gt[..., 4] > 0)
+            depth = render["depth"].reshape(covered.shape)
+            rel = (depth - gt[..., 4]).abs() / gt[..., 4].clamp_min(1e-6)
+            loss_depth = rel[covered].mean() if covered.any() else rel.sum() * 0
+            loss = loss + depth_weight * loss_depth
+            out["oracle_depth_rel"] = loss_depth.detach()
+        out["loss_guidance"] = loss
+        return out
 
 
 def _background_like(background, rgb: torch.Tensor) -> torch.Tensor:

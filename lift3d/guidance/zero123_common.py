@@ -104,6 +104,53 @@ class Zero123GuidanceBase(BaseGuidance):
 
     # ------------------------------------------------------------------ per step
 
+    def eps(self, noisy: torch.Tensor, t: torch.Tensor, cameras: Cameras, render: dict, step: int) -> torch.Tensor:
+        """CFG noise prediction for the guidance views; Cascade-Zero123 replaces this (its
+        refiner's context holds several condition images)."""
+        return self.model.predict_noise(noisy, t, self.condition, self.poses(cameras), self.cfg.guidance_scale)
+
+    def sds(self, render: dict, cameras: Cameras, step: int) -> dict:
+        """threestudio's SDS: t ~ U[t_min, t_max], grad = (1 − ᾱ_t)(ε̂ − ε); see zero123_sds.py."""
+        z = self.latents(render)
+        t_min, t_max = self.step_range(step)
+        t = torch.randint(t_min, t_max + 1, (len(z),), device=z.device)
+        alpha = self.model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        with torch.no_grad():
+            noise = torch.randn_like(z, dtype=torch.float32)
+            noisy = alpha.sqrt() * z.float() + (1 - alpha).sqrt() * noise
+            eps = self.eps(noisy, t, cameras, render, step)
+            grad = self.finish_grad((1 - alpha) * (eps - noise), step)
+        return {"loss_guidance": self.gradient_loss(z, grad), "guidance_grad_norm": grad.norm().detach(),
+                "guidance_t": t.float().mean()}
+
+    def sigmas(self) -> torch.Tensor:
+        """σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) for t = 0 .. T−1 (increasing with t)."""
+        a = self.model.alphas_cumprod
+        return ((1 - a) / a).sqrt()
+
+    def sjc_score(self, y: torch.Tensor, cameras: Cameras, render: dict, step: int, var_red: bool = True):
+        """The SJC score of latents y (B, 4, h, w); see zero123_sjc.py. Returns (grad, σ (B,), t (B,))."""
+        T = self.model.num_train_timesteps
+        t_min, t_max = self.step_range(step)
+        j = torch.randint(T - 1 - t_max, T - 1 - t_min + 1, (len(y),), device=y.device)  # tick index, uniform
+        t = T - 1 - j
+        sigma = self.sigmas()[t].view(-1, 1, 1, 1)
+        y = y.detach().float()
+        zs = y + sigma * torch.randn_like(y)
+        eps = self.eps(zs / (1 + sigma ** 2).sqrt(), t, cameras, render, step)
+        denoised = zs - sigma * eps
+        grad = (denoised - y) / sigma if var_red else (denoised - zs) / sigma
+        return grad, sigma.view(-1), t
+
+    def sjc(self, render: dict, cameras: Cameras, step: int, var_red: bool = True) -> dict:
+        y = self.latents(render)
+        with torch.no_grad():
+            grad, sigma, t = self.sjc_score(y, cameras, render, step, var_red)
+            grad = self.finish_grad(grad, step)
+        # The score points towards the data: descend along −grad, i.e. y.backward(−grad) in 3drec.
+        return {"loss_guidance": self.gradient_loss(y, -grad), "guidance_grad_norm": grad.norm(),
+                "guidance_sigma": sigma.mean(), "guidance_t": t.float().mean()}
+
     def poses(self, cameras: Cameras) -> torch.Tensor:
         """Zero123 relative pose (B, 4) of each guidance view w.r.t. the reference view."""
         stable = self.cfg.pose_variant == "stable"

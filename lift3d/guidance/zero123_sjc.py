@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from lift3d.config import schedulable
 from lift3d.guidance.zero123_common import Zero123GuidanceBase
 from lift3d.registry import register
@@ -35,30 +33,5 @@ class Zero123SJC(Zero123GuidanceBase):
         max_step_percent: Any = schedulable(0.969)
         var_red: bool = True                       # PAAS score (D − y)/σ; False: (D − z_s)/σ
 
-    def sigmas(self) -> torch.Tensor:
-        """σ_t for t = 0 .. T−1 from the model's ᾱ (increasing with t)."""
-        a = self.model.alphas_cumprod
-        return ((1 - a) / a).sqrt()
-
-    def score(self, y: torch.Tensor, poses: torch.Tensor, step: int):
-        """The SJC score of latents y (B, 4, h, w). Returns (grad, σ (B,), t (B,))."""
-        T = self.model.num_train_timesteps
-        t_min, t_max = self.step_range(step)
-        j = torch.randint(T - 1 - t_max, T - 1 - t_min + 1, (len(y),), device=y.device)  # tick index, uniform
-        t = T - 1 - j
-        sigma = self.sigmas()[t].view(-1, 1, 1, 1)
-        y = y.detach().float()
-        zs = y + sigma * torch.randn_like(y)
-        eps = self.model.predict_noise(zs / (1 + sigma ** 2).sqrt(), t, self.condition, poses, self.cfg.guidance_scale)
-        denoised = zs - sigma * eps
-        grad = (denoised - y) / sigma if self.cfg.var_red else (denoised - zs) / sigma
-        return grad, sigma.view(-1), t
-
     def __call__(self, render: dict, cameras, step: int) -> dict:
-        y = self.latents(render)
-        with torch.no_grad():
-            grad, sigma, t = self.score(y, self.poses(cameras), step)
-            grad = self.finish_grad(grad, step)
-        # The score points towards the data: descend along −grad, i.e. y.backward(−grad) in 3drec.
-        return {"loss_guidance": self.gradient_loss(y, -grad), "guidance_grad_norm": grad.norm(),
-                "guidance_sigma": sigma.mean(), "guidance_t": t.float().mean()}
+        return self.sjc(render, cameras, step, self.cfg.var_red)

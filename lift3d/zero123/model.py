@@ -121,27 +121,41 @@ class Zero123Model(nn.Module):
 
     def context(self, condition: Zero123Condition, pose: torch.Tensor) -> torch.Tensor:
         """Cross-attention token (B, 1, D) for relative poses (B, 4) = projection(clip ⊕ pose)."""
-        pose = pose.to(self.device, self.dtype)
         embedding = condition.embedding.expand(len(pose), -1, -1)
-        return self.projection(torch.cat([embedding, pose[:, None]], dim=-1))
+        return self.context_tokens(embedding, pose[:, None])
+
+    def context_tokens(self, embeddings: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+        """One token per condition image: projection(clip ⊕ pose) for embeddings (B, K, D) and
+        poses (B, K, 4) -> (B, K, D). K = 1 for Zero123; Cascade-Zero123's refiner uses several."""
+        embeddings = embeddings.to(self.device, self.dtype)
+        return self.projection(torch.cat([embeddings, poses.to(embeddings)], dim=-1))
 
     def cfg_batch(self, noisy: torch.Tensor, condition: Zero123Condition, pose: torch.Tensor):
         """UNet inputs for classifier-free guidance, order [uncond, cond]:
         (2B, 8, h, w) noisy latents ⊕ concat latent, and (2B, 1, D) contexts."""
-        b = len(noisy)
         cond_ctx = self.context(condition, pose)
-        concat = condition.latent.to(noisy.dtype).expand(b, -1, -1, -1)
+        return self.guidance_batch(noisy, condition.latent, cond_ctx, torch.zeros_like(cond_ctx))
+
+    def guidance_batch(self, noisy: torch.Tensor, concat_latent: torch.Tensor, context: torch.Tensor,
+                       uncond_context: torch.Tensor):
+        """[uncond, cond] UNet inputs for any context: the unconditional half gets ``uncond_context``
+        and a zero concat latent."""
+        concat = concat_latent.to(noisy.dtype).expand(len(noisy), -1, -1, -1)
         latents = torch.cat([noisy, noisy])
         concat = torch.cat([torch.zeros_like(concat), concat])
-        return torch.cat([latents, concat], dim=1), torch.cat([torch.zeros_like(cond_ctx), cond_ctx])
+        return torch.cat([latents, concat], dim=1), torch.cat([uncond_context, context])
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, condition: Zero123Condition,
                       pose: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """CFG noise prediction ε_u + s (ε_c − ε_u) for scaled noisy latents (B, 4, h, w) at
         timesteps ``t`` (B,) or scalar. Returns float32."""
         noisy = noisy.to(self.device, self.dtype)
+        return self.guided_noise(noisy, t, *self.cfg_batch(noisy, condition, pose), guidance_scale)
+
+    def guided_noise(self, noisy: torch.Tensor, t, unet_in: torch.Tensor, ctx: torch.Tensor,
+                     guidance_scale: float) -> torch.Tensor:
+        """Run the UNet on a [uncond, cond] batch from :meth:`guidance_batch` and combine."""
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy))
-        unet_in, ctx = self.cfg_batch(noisy, condition, pose)
         eps = self.unet(unet_in, torch.cat([t, t]), encoder_hidden_states=ctx).sample.float()
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

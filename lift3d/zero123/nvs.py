@@ -32,28 +32,38 @@ def relative_pose(elevation: float, azimuth: float, radius: float = 0.0, n: int 
 def sample(model, condition, pose: torch.Tensor, steps: int = 50, scale: float = 3.0, eta: float = 1.0,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """DDIM samples for ``pose`` (B, 4): images (B, 3, H, W) in [0, 1]."""
+    return ddim(model, lambda x, t: model.predict_noise(x, t, condition, pose, scale), len(pose),
+                tuple(condition.latent.shape[-2:]), steps, eta, generator)
+
+
+@torch.no_grad()
+def ddim(model, eps_fn, n: int, latent_hw: tuple, steps: int = 50, eta: float = 1.0,
+         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DDIM with any noise predictor ``eps_fn(latents, t)`` (Zero123's or Cascade's); decodes with
+    ``model``'s VAE. Returns (n, 3, H, W) in [0, 1]."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps)
-    h, w = condition.latent.shape[-2:]
-    latents = torch.randn((len(pose), 4, h, w), generator=generator).to(model.device, model.dtype)
+    latents = torch.randn((n, 4, *latent_hw), generator=generator).to(model.device, model.dtype)
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = model.predict_noise(latents, t, condition, pose, scale)
+        eps = eps_fn(latents, t)
         latents = scheduler.step(eps.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return model.decode(latents).clamp(0, 1)
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [0, 1], alpha composited on white."""
+def load_image(path: str, size: Optional[int]) -> torch.Tensor:
+    """An image file -> (1, 3, size, size) in [0, 1], alpha composited on white (size None: as stored)."""
     import numpy as np
     from PIL import Image
 
     if not os.path.isfile(path):
         raise UserError(f"image not found: {path}")
     try:
-        image = Image.open(path).convert("RGBA").resize((size, size), Image.Resampling.BICUBIC)
+        image = Image.open(path).convert("RGBA")
+        if size is not None:
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e}") from None
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -70,14 +80,20 @@ def _device(device: str) -> torch.device:
 def nvs(model_path: Union[str, "torch.nn.Module"], image: str, elevation: float, azimuth: float, radius: float = 0.0,
         out_dir: str = "nvs", steps: int = 50, scale: float = 3.0, seed: int = 0, n_samples: int = 4,
         eta: float = 1.0, pose_variant: str = "zero123", condition_elevation: float = 0.0,
-        device: str = "auto", variant: Optional[str] = None) -> list[str]:
+        device: str = "auto", variant: Optional[str] = None, refiner: Optional[str] = None) -> list[str]:
     """``lift3d nvs``: write ``n_samples`` novel views (``view_00.png`` ...), ``grid.png`` (input
     then samples) and ``nvs.json`` to ``out_dir``. Returns the written paths.
-    ``model_path`` may also be an already loaded :class:`Zero123Model`."""
+    ``model_path`` may also be an already loaded :class:`Zero123Model`.
+
+    With ``refiner`` (a Cascade-Zero123 refiner folder) the model is the base: it generates the
+    self-prompts and a coarse view per sample (``base_view_XX.png``, ``prompt_XX.png``), and the
+    refiner's views conditioned on all of them are the ``view_XX.png``."""
     from lift3d.zero123.model import Zero123Model
 
     if pose_variant not in ("zero123", "stable"):
         raise UserError(f"pose variant '{pose_variant}' is unknown; use zero123 or stable")
+    if refiner and pose_variant != "zero123":
+        raise UserError("--refiner: Cascade-Zero123 refiners use the zero123 pose vector (drop --stable)")
     if steps < 1 or n_samples < 1:
         raise UserError("--steps and --n-samples must be at least 1")
     dev = _device(device)
@@ -92,19 +108,44 @@ def nvs(model_path: Union[str, "torch.nn.Module"], image: str, elevation: float,
     generator = torch.Generator().manual_seed(int(seed))
     views = sample(model, condition, pose, steps, scale, eta, generator).cpu()
 
-    paths = []
+    paths, row = [], [x[0].float().cpu()]
+    if refiner:
+        extra, views = _refine(model, refiner, x, views, elevation, azimuth, radius, condition_elevation, steps,
+                               scale, eta, seed, dtype=model.dtype, variant=variant)
+        for name, images in extra.items():
+            for i, view in enumerate(images):
+                paths.append(os.path.join(out_dir, f"{name}_{i:02d}.png"))
+                save_image(paths[-1], view.permute(1, 2, 0))
+            row += list(images)
     for i, view in enumerate(views):
         paths.append(os.path.join(out_dir, f"view_{i:02d}.png"))
         save_image(paths[-1], view.permute(1, 2, 0))
-    grid = torch.cat([x[0].float().cpu()] + list(views), dim=2)  # one row: input, then the samples
+    grid = torch.cat(row + list(views), dim=2)  # one row: input, (prompts, base views,) then the samples
     paths.append(os.path.join(out_dir, "grid.png"))
     save_image(paths[-1], grid.permute(1, 2, 0))
     paths.append(os.path.join(out_dir, "nvs.json"))
     write_json(paths[-1], {"model": getattr(model, "source", str(model_path)), "image": image, "elevation": elevation,
                            "azimuth": azimuth, "radius": radius, "pose": pose[0].tolist(), "steps": steps,
                            "scale": scale, "eta": eta, "seed": seed, "n_samples": n_samples,
-                           "pose_variant": pose_variant})
+                           "pose_variant": pose_variant, "refiner": refiner})
     return paths
+
+
+def _refine(base, refiner_path: str, x: torch.Tensor, base_views: torch.Tensor, elevation: float, azimuth: float,
+            radius: float, condition_elevation: float, steps: int, scale: float, eta: float, seed: int, dtype,
+            variant) -> tuple[dict, torch.Tensor]:
+    """Cascade-Zero123 views: self-prompts from the base, the base's views as coarse targets."""
+    from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
+    from lift3d.zero123.model import Zero123Model
+
+    refiner = Zero123Model.from_pretrained(refiner_path, torch_dtype=dtype, variant=variant).to(base.device)
+    view = torch.tensor([condition_elevation, 0.0, 0.0])  # only differences of views enter the poses
+    prompts, prompt_views = generate_prompts(base, x, view, CascadeLayout.load(refiner_path).nearby, steps, scale, seed)
+    cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
+    targets = (view + torch.tensor([elevation, azimuth, radius])).expand(len(base_views), 3)
+    views = cascade_sample(refiner, cond, targets, steps, scale, coarse_01=base_views.to(refiner.device), eta=eta,
+                           generator=torch.Generator().manual_seed(int(seed) + 1)).cpu()
+    return {"prompt": prompts.cpu(), "base_view": base_views}, views
 
 
 def main(argv: list[str]) -> int:
@@ -130,9 +171,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--condition-elevation", type=float, default=0.0, help="elevation of the input view (--stable)")
     p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
     p.add_argument("--device", default="auto")
+    p.add_argument("--refiner", default=None, help="a Cascade-Zero123 refiner folder: --model is then its base")
     a = p.parse_args(argv)
     paths = nvs(a.model, a.image, a.elevation, a.azimuth, a.radius, out_dir=a.out, steps=a.steps, scale=a.scale,
                 seed=a.seed, n_samples=a.n_samples, eta=a.eta, pose_variant="stable" if a.stable else "zero123",
-                condition_elevation=a.condition_elevation, device=a.device, variant=a.variant)
+                condition_elevation=a.condition_elevation, device=a.device, variant=a.variant,
+                refiner=a.refiner)
     print(f"wrote {len(paths) - 2} views and {os.path.basename(paths[-2])} to {a.out}")
     return 0

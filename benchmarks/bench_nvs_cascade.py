@@ -1,0 +1,123 @@
+"""Cascade-Zero123 against its base model: novel views on held-out objects, and their consistency.
+
+For every held-out object of a dataset (layout: lift3d/training/data.py) the input is the bench
+view (elevation 30°). Both methods produce views at azimuth +45° ... +315° (every 45°, same
+elevation and distance), one DDIM sample per view and seed:
+- base: the Zero123 model alone;
+- cascade: self-prompts from the base (the refiner's nearby offsets), the base's view of the same
+  target as the coarse token, then the refiner.
+Scores:
+- PSNR / SSIM at +90° and +180° against the ground-truth renders (mean over objects and seeds);
+- consistency: leave-one-out visual-hull silhouette IoU (lift3d.training.nvs_eval.hull_consistency):
+  each generated view's silhouette against the hull carved from the input and the other 7 views.
+  Perfectly consistent views of a box score about 0.8 to 0.93 with this 8-view ring (the hull of 8
+  views is looser than the object), so compare the two methods, not against 1.
+
+    python benchmarks/bench_nvs_cascade.py --data DATA --refiner lift3d/assets/cascade-mini-refiner
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lift3d.training.data import MultiViewSet  # noqa: E402
+from lift3d.training.nvs_eval import hull_consistency, psnr, silhouettes, ssim  # noqa: E402
+
+OFFSETS = [45.0 * k for k in range(1, 8)]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default=os.path.join("lift3d", "assets", "zero123-mini"))
+    p.add_argument("--refiner", default=os.path.join("lift3d", "assets", "cascade-mini-refiner"))
+    p.add_argument("--data", required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=None)
+    p.add_argument("--out", default=None, help="write results.json and grid.png here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from lift3d.cameras import Cameras
+    from lift3d.zero123 import Zero123Model
+    from lift3d.zero123.cascade import (CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts,
+                                        pose_vectors, spherical)
+    from lift3d.zero123.nvs import sample
+
+    base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
+    refiner = Zero123Model.from_pretrained(args.refiner, torch_dtype=torch.float32)
+    nearby = CascadeLayout.load(args.refiner).nearby
+    heldout = MultiViewSet(args.data, "heldout")
+    ids = list(heldout.bench)[:args.max_objects]
+    size = heldout.size
+
+    t0 = time.time()
+    rows = {"base": {90: [], 180: []}, "cascade": {90: [], 180: []}}
+    consistency = {"base": [], "cascade": []}
+    tiles = []
+    for n, object_id in enumerate(ids):
+        b = heldout.bench[object_id]
+        images = b["images"].float() / 255
+        c2w = torch.tensor([v["c2w"] for v in b["cameras"]], dtype=torch.float32)
+        cams = Cameras(c2w, torch.full((len(c2w),), heldout.fovy_deg), size, size)
+        view = spherical(cams.position[0])
+        gt = {int(float(off)): images[1 + j] for j, off in enumerate(b["offsets"])}
+        x = images[:1]
+        targets = view[None] + torch.tensor([[0.0, off, 0.0] for off in OFFSETS])
+        ring = Cameras.from_spherical([float(view[0])] * 8, [float(view[1]) + off for off in [0.0] + OFFSETS],
+                                      float(view[2]), heldout.fovy_deg, size, size)
+        for seed in range(args.seeds):
+            g = torch.Generator().manual_seed(1000 * n + seed)
+            base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
+                                pose_vectors(targets, view[None]), args.steps, args.guidance, eta=0.0, generator=g)
+            prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance, seed=1000 * n + seed)
+            cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
+            refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=0.0,
+                                     generator=torch.Generator().manual_seed(1000 * n + seed + 500))
+            for name, views in (("base", base_views), ("cascade", refined)):
+                for off in (90, 180):
+                    pred = views[OFFSETS.index(float(off))][None]
+                    rows[name][off].append((psnr(pred, gt[off][None]).item(), ssim(pred, gt[off][None]).item()))
+                masks = silhouettes(torch.cat([x, views]))
+                consistency[name].append(hull_consistency(masks, ring).mean().item())
+            if seed == 0 and n < 8:
+                tiles.append([x[0], *prompts, gt[90], base_views[1], refined[1], gt[180], base_views[3], refined[3]])
+        print(f"{n + 1}/{len(ids)} objects ({time.time() - t0:.0f} s)", flush=True)
+
+    def mean(values):
+        return sum(values) / max(1, len(values))
+
+    results = {"objects": ids, "base": args.base, "refiner": args.refiner, "ddim_steps": args.steps,
+               "guidance_scale": args.guidance, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
+               "scores": {name: {str(off): {"psnr": mean([r[0] for r in rows[name][off]]),
+                                            "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
+                          for name in rows},
+               "consistency": {name: mean(v) for name, v in consistency.items()}}
+    print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps, guidance {args.guidance}")
+    print("| method | +90° PSNR | +90° SSIM | +180° PSNR | +180° SSIM | hull consistency |")
+    print("|---|---|---|---|---|---|")
+    for name in rows:
+        s = results["scores"][name]
+        print(f"| {name} | {s['90']['psnr']:.2f} | {s['90']['ssim']:.3f} | {s['180']['psnr']:.2f} | "
+              f"{s['180']['ssim']:.3f} | {results['consistency'][name]:.3f} |")
+    if args.out:
+        from lift3d.utils.images import image_grid
+        from lift3d.utils.io import save_image, write_json
+
+        write_json(os.path.join(args.out, "results.json"), results)
+        flat = [t.permute(1, 2, 0) for row in tiles for t in row]
+        save_image(os.path.join(args.out, "grid.png"), image_grid(flat, len(tiles[0])))
+    return results
+
+
+if __name__ == "__main__":
+    main()
