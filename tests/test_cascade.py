@@ -244,3 +244,44 @@ def test_hull_consistency_scores_agreeing_views_high_and_contradicting_views_low
     wrong[2] = torch.roll(wrong[2], 8, dims=1)            # one view's object drawn in the wrong place
     bad = hull_consistency(wrong, cams)
     assert bad[1] < good[1] - 0.3 and bad.mean() < good.mean() - 0.05
+
+
+def test_a_cascade_run_writes_self_prompts_and_a_resume_reuses_them(models, tmp_path, monkeypatch):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from lift3d.runner import Experiment
+
+    base, refiner = models
+    yy, xx = np.mgrid[:64, :64]
+    img = np.zeros((64, 64, 4), np.uint8)
+    img[(xx - 31.5) ** 2 + (yy - 31.5) ** 2 < 18 ** 2] = [220, 40, 30, 255]
+    iio.imwrite(tmp_path / "disc.png", img)
+    overrides = [f"image={tmp_path / 'disc.png'}", f"exp_root_dir={tmp_path / 'out'}", "use_timestamp=false",
+                 "trainer.max_steps=2", "trainer.val_every=2", "trainer.ckpt_every=1", "trainer.device=cpu",
+                 "data.reference_height=32", "data.reference_width=32", "data.height=16", "data.width=16",
+                 "data.n_val_views=1", "data.n_test_views=2", "data.eval_height=16", "data.eval_width=16",
+                 "data.batch_size=1", "system.geometry.grid_size=16", "system.renderer.num_samples_per_ray=16",
+                 f"system.guidance.pretrained_model_name_or_path={base}",
+                 f"system.guidance.refiner_name_or_path={refiner}", "system.guidance.prompt_steps=2",
+                 f"system.guidance.prompt_cache_dir={tmp_path / 'cache'}"]
+    config = os.path.join(CONFIGS, "cascade-zero123.yaml")
+    calls = []
+    real = cascade.generate_prompts
+    monkeypatch.setattr(cascade, "generate_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    exp = Experiment(load_config(config, overrides))
+    exp.train()
+    trial = exp.trial_dir
+    assert os.path.isfile(os.path.join(trial, "save", "self_prompts", "prompts.json"))
+    val = imageio_read(os.path.join(trial, "save", "it2-val.png"))
+    assert val.shape[1] == 32 * (2 + 1 + 3)     # input, reference render, 1 view, then the 3 self-prompts
+    resumed = Experiment(load_config(config, overrides + [f"resume={os.path.join(trial, 'ckpts', 'last.ckpt')}",
+                                                          "trainer.max_steps=3"]))
+    resumed.train()
+    assert resumed.step == 3 and len(calls) == 1
+
+
+def imageio_read(path):
+    import imageio.v3 as iio
+
+    return iio.imread(path)
