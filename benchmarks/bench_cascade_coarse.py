@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", required=True)
     p.add_argument("--prompt-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -48,7 +49,8 @@ def main(argv=None) -> dict:
     totals = {"base alone": 0.0, "none": 0.0, "estimate": 0.0, "render (ideal)": 0.0}
     count = 0
     with torch.no_grad():
-        for n in range(len(data)):
+        n_objects = min(len(data), args.max_objects or len(data))
+        for n in range(n_objects):
             images = data.images[n].float() / 255                         # (V, 3, H, W)
             views = spherical(data.positions[n])
             x, view = images[:1], views[0]
@@ -71,9 +73,9 @@ def main(argv=None) -> dict:
                     eps = refiner_noise(refiner, noisy, t, cond, target_views, 1.0, coarse)
                     totals[name] += (eps - noise).pow(2).mean().item()
                 count += 1
-            print(f"{n + 1}/{len(data)} objects", flush=True)
+            print(f"{n + 1}/{n_objects} objects", flush=True)
     results = {k: v / count for k, v in totals.items()}
-    print(f"{len(data)} held-out objects x {data.images.shape[1] - 1} targets x {len(ts)} noise levels")
+    print(f"{n_objects} held-out objects x {data.images.shape[1] - 1} targets x {len(ts)} noise levels")
     print("| coarse token | ε-MSE (lower is better) |")
     print("|---|---|")
     for name, value in results.items():

@@ -58,7 +58,7 @@ COMMANDS: dict[str, object] = {
     "nvs": "lift3d.zero123.nvs:main",
     "convert-ckpt": "lift3d.zero123.loading:convert_ckpt_main",
     "train-zero123": "lift3d.training.train_zero123:main",
-    "train-cascade": "lift3d.training.train_cascade:main",
+    "train-cascade": "lift3d.training.train_cascade:train_cascade",
 }
 
 

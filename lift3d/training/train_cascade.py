@@ -119,6 +119,7 @@ def coarse_estimates(base, noisy, t, latent, emb_src, pose_src, refiner) -> torc
 
 
 def train_cascade(argv=None) -> int:
+    """``lift3d train-cascade ...`` (wired in lift3d/cli.py). Returns the exit status."""
     from tqdm import tqdm
 
     from lift3d.training.data import MultiViewSet
@@ -244,11 +245,3 @@ def train_cascade(argv=None) -> int:
         log(f"saved the self-distilled base to {args.base_out}")
     return 0
 
-
-def main(argv=None) -> int:
-    """``lift3d train-cascade ...`` (wired in lift3d/cli.py)."""
-    return train_cascade(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
