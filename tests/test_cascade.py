@@ -285,3 +285,9 @@ def imageio_read(path):
     import imageio.v3 as iio
 
     return iio.imread(path)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml")))
+def test_every_shipped_config_loads_and_validates(name):
+    cfg = load_config(os.path.join(CONFIGS, name), [])       # validates the whole tree, plugins included
+    assert cfg.system.guidance_type
