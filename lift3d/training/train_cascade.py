@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lift3d.errors import UserError
 from lift3d.training.train_zero123 import (EMA, _replace_model_folder, _write_loss_csv, encode_dataset, lr_lambda,
-                                           named_params)
+                                           named_params, optimizer_step)
 from lift3d.utils.io import save_torch
 
 P_DROP = 0.05
@@ -211,12 +211,7 @@ def train_cascade(argv=None) -> int:
         pred = refiner.unet(torch.cat([noisy, latent], 1), t,
                             encoder_hidden_states=refiner.context_tokens(embeddings, poses)).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(step)
+        optimizer_step(loss, opt, sched, ema, params, step)
         with torch.no_grad():  # self-distillation into the base
             for name, p in base_params.items():
                 p.lerp_(params[name].detach(), 1 - args.momentum)

@@ -137,6 +137,16 @@ class EMA:
             self.shadow[k] = tmp
 
 
+def optimizer_step(loss, opt, sched, ema, params: dict, step: int) -> None:
+    """Backward, clip the gradient norm at 1, step the optimiser and schedule, update the EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+    opt.step()
+    sched.step()
+    ema.update(step)
+
+
 def named_params(modules: dict) -> dict:
     return {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
 
@@ -213,12 +223,7 @@ def train_diffusion(model, data, heldout, args, ckpt: dict, trainable: dict, log
         pose = pair_poses(data.positions, obj, cond, target)
         cond_01 = data.images[obj, cond].float() / 255
         loss = diffusion_loss(model, cond_01, mean[obj, cond], mean[obj, target], std[obj, target], pose, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(step)
+        optimizer_step(loss, opt, sched, ema, params, step)
         step += 1
         losses.append([step, loss.item()])
         bar.update(1)
