@@ -103,17 +103,9 @@ class CascadeZero123(Zero123GuidanceBase):
         self.prompt_images, self.prompt_views = self.self_prompts(reference, offsets, base_path)
         self.refresh_condition()
         if self.cfg.coarse_token == "estimate":
-            self.base_condition = self.base.encode_condition(self.input_image(reference).to(device))
+            self.base_condition = self.base.encode_condition(self.reference_image(reference).to(device))
         else:
             self.base = None  # only the self-prompts needed it: free its memory
-
-    def input_image(self, reference) -> torch.Tensor:
-        """The reference view at the model's resolution (1, 3, S, S) in [0, 1]."""
-        size = self.model.image_size
-        image = reference.rgb.permute(2, 0, 1)[None].float()
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        return image.clamp(0, 1)
 
     def reference_view(self) -> torch.Tensor:
         from lift3d.zero123.cascade import spherical
@@ -123,7 +115,7 @@ class CascadeZero123(Zero123GuidanceBase):
     def refresh_condition(self) -> None:
         from lift3d.zero123.cascade import encode_cascade_condition
 
-        self.cascade = encode_cascade_condition(self.model, self.input_image(self.reference).to(self.model.device),
+        self.cascade = encode_cascade_condition(self.model, self.reference_image(self.reference).to(self.model.device),
                                                 self.reference_view(), self.prompt_images.to(self.model.device),
                                                 self.prompt_views)
 
@@ -137,7 +129,7 @@ class CascadeZero123(Zero123GuidanceBase):
         """Generate (or load from a cache) the base model's views at the nearby offsets."""
         from lift3d.zero123.cascade import generate_prompts, nearby_views, weights_fingerprint
 
-        image = self.input_image(reference)
+        image = self.reference_image(reference)
         image_u8 = (image * 255).round().to(torch.uint8)
         view = self.reference_view()
         seed = int(getattr(self.context, "seed", 0))

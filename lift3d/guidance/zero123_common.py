@@ -93,13 +93,17 @@ class Zero123GuidanceBase(BaseGuidance):
                                                   use_ema=self.cfg.use_ema).to(device)
         self.set_reference(reference)
 
-    def set_reference(self, reference) -> None:
-        """Encode the reference view (composited on white, at the model's resolution)."""
+    def reference_image(self, reference) -> torch.Tensor:
+        """The reference view composited on white at the model's resolution, (1, 3, S, S) in [0, 1]."""
         size = self.model.image_size
         image = reference.rgb.permute(2, 0, 1)[None].float()
         if image.shape[-2:] != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        self.condition = self.model.encode_condition(image.clamp(0, 1).to(self.model.device))
+        return image.clamp(0, 1)
+
+    def set_reference(self, reference) -> None:
+        """Encode the reference view."""
+        self.condition = self.model.encode_condition(self.reference_image(reference).to(self.model.device))
         self.reference_camera = reference.camera
 
     # ------------------------------------------------------------------ per step
