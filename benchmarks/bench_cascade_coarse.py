@@ -38,8 +38,8 @@ def main(argv=None) -> dict:
 
     from lift3d.training.data import MultiViewSet
     from lift3d.zero123 import Zero123Model
-    from lift3d.zero123.cascade import (CascadeLayout, embed, encode_cascade_condition, generate_prompts,
-                                        pose_vectors, refiner_noise, spherical)
+    from lift3d.cameras import position_to_spherical, zero123_pose_vectors
+    from lift3d.zero123.cascade import CascadeLayout, embed, encode_cascade_condition, generate_prompts, refiner_noise
 
     base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
     refiner = Zero123Model.from_pretrained(args.refiner, torch_dtype=torch.float32)
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         n_objects = min(len(data), args.max_objects or len(data))
         for n in range(n_objects):
             images = data.images[n].float() / 255                         # (V, 3, H, W)
-            views = spherical(data.positions[n])
+            views = position_to_spherical(data.positions[n])
             x, view = images[:1], views[0]
             prompts, prompt_views = generate_prompts(base, x, view, nearby, args.prompt_steps, 3.0, seed=n)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
                 noise = torch.randn(z0.shape, generator=g)
                 a = base.alphas_cumprod[t]
                 noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
-                eps_base = base.predict_noise(noisy, t, base_cond, pose_vectors(target_views, view[None]), 1.0)
+                eps_base = base.predict_noise(noisy, t, base_cond, zero123_pose_vectors(target_views, view[None]), 1.0)
                 x0 = (noisy - (1 - a).sqrt() * eps_base) / a.sqrt()
                 estimate = embed(refiner, base.decode(x0).clamp(0, 1))
                 totals["base alone"] += (eps_base - noise).pow(2).mean().item()

@@ -49,8 +49,8 @@ def main(argv=None) -> dict:
 
     from lift3d.cameras import Cameras
     from lift3d.zero123 import Zero123Model
-    from lift3d.zero123.cascade import (CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts,
-                                        pose_vectors, spherical)
+    from lift3d.cameras import zero123_pose_vectors
+    from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
     from lift3d.zero123.nvs import sample
 
     base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
         images = b["images"].float() / 255
         c2w = torch.tensor([v["c2w"] for v in b["cameras"]], dtype=torch.float32)
         cams = Cameras(c2w, torch.full((len(c2w),), heldout.fovy_deg), size, size)
-        view = spherical(cams.position[0])
+        view = cams.spherical[0]
         gt = {int(float(off)): images[1 + j] for j, off in enumerate(b["offsets"])}
         x = images[:1]
         targets = view[None] + torch.tensor([[0.0, off, 0.0] for off in OFFSETS])
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(1000 * n + seed)
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
-                                pose_vectors(targets, view[None]), args.steps, args.guidance, eta=0.0, generator=g)
+                                zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=0.0, generator=g)
             prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance, seed=1000 * n + seed)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
             refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=0.0,

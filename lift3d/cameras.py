@@ -28,6 +28,23 @@ def spherical_to_position(elevation_deg, azimuth_deg, distance) -> torch.Tensor:
     return torch.stack([d * torch.cos(e) * torch.cos(a), d * torch.cos(e) * torch.sin(a), d * torch.sin(e)], -1)
 
 
+def position_to_spherical(position: torch.Tensor) -> torch.Tensor:
+    """Camera positions (..., 3) -> (elevation°, azimuth°, distance) (..., 3): the inverse of
+    :func:`spherical_to_position`."""
+    r = position.norm(dim=-1)
+    elevation = torch.rad2deg(torch.asin((position[..., 2] / r).clamp(-1, 1)))
+    azimuth = torch.rad2deg(torch.atan2(position[..., 1], position[..., 0]))
+    return torch.stack([elevation, azimuth, r], -1)
+
+
+def zero123_pose_vectors(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Zero123 pose [Δpolar, sin Δazimuth, cos Δazimuth, Δdistance] of ``target`` views relative to
+    ``source`` views, both (..., 3) as (elevation°, azimuth°, distance), broadcast -> (..., 4)."""
+    d_polar = torch.deg2rad(source[..., 0] - target[..., 0])       # (90 − e_t) − (90 − e_s)
+    d_az = torch.deg2rad(target[..., 1] - source[..., 1])
+    return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), target[..., 2] - source[..., 2]], -1)
+
+
 def look_at(eye: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Camera-to-world matrices (B, 4, 4) for eyes (B, 3) looking at ``target`` with +z up."""
     eye = eye.reshape(-1, 3).float()
@@ -90,18 +107,21 @@ class Cameras:
         return self.c2w[:, :3, 3]
 
     @property
+    def spherical(self) -> torch.Tensor:
+        """(B, 3): elevation°, azimuth°, distance of each camera."""
+        return position_to_spherical(self.position)
+
+    @property
     def distance(self) -> torch.Tensor:
         return self.position.norm(dim=-1)
 
     @property
     def elevation_deg(self) -> torch.Tensor:
-        p = self.position
-        return torch.rad2deg(torch.asin((p[:, 2] / p.norm(dim=-1)).clamp(-1, 1)))
+        return self.spherical[:, 0]
 
     @property
     def azimuth_deg(self) -> torch.Tensor:
-        p = self.position
-        return torch.rad2deg(torch.atan2(p[:, 1], p[:, 0]))
+        return self.spherical[:, 1]
 
     @property
     def focal(self) -> torch.Tensor:
@@ -128,16 +148,13 @@ class Cameras:
 
 
 def zero123_pose(target: Cameras, condition: Cameras, stable: bool = False) -> torch.Tensor:
-    """Relative pose vector (B, 4) of ``target`` views w.r.t. ``condition`` (1 or B views)."""
-
-    def polar_azimuth_radius(p):
-        r = p.norm(dim=-1)
-        return torch.acos((p[:, 2] / r).clamp(-1, 1)), torch.atan2(p[:, 1], p[:, 0]), r
-
-    tt, pt, rt = polar_azimuth_radius(target.position)
-    tc, pc, rc = polar_azimuth_radius(condition.position.to(target.device))
-    last = tc.expand_as(tt) if stable else rt - rc
-    return torch.stack([tt - tc, torch.sin(pt - pc), torch.cos(pt - pc), last], -1)
+    """Relative pose vector (B, 4) of ``target`` views w.r.t. ``condition`` (1 or B views).
+    Stable-Zero123 puts the condition's polar angle in the last slot instead of Δdistance."""
+    source = condition.spherical.to(target.device)
+    pose = zero123_pose_vectors(target.spherical, source)
+    if stable:
+        pose[:, 3] = torch.deg2rad(90.0 - source[:, 0]).expand(len(pose))
+    return pose
 
 
 def sample_views(n: int, elevation_range: Sequence[float], azimuth_range: Sequence[float],

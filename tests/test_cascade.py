@@ -13,7 +13,8 @@ from lift3d.errors import UserError
 from lift3d.guidance.base import GuidanceContext
 from lift3d.guidance.cascade import CascadeZero123
 from lift3d.zero123 import cascade
-from lift3d.zero123.cascade import CascadeLayout, pose_vectors, refiner_contexts, spherical
+from lift3d.cameras import zero123_pose_vectors as pose_vectors
+from lift3d.zero123.cascade import CascadeLayout, refiner_contexts
 from lift3d.zero123.random_model import random_zero123
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -49,10 +50,18 @@ VIEWS = Cameras.from_spherical([50.0, -10.0], [120.0, -60.0], [2.2, 1.8], 40.0, 
 def test_pose_vectors_agree_with_camera_poses():
     target = Cameras.from_spherical([50.0, -10.0], [120.0, -60.0], [2.2, 1.8], 40.0, 8, 8)
     source = Cameras.from_spherical(20.0, 10.0, 2.0, 40.0, 8, 8)
-    assert torch.allclose(spherical(target.position), torch.tensor([[50.0, 120.0, 2.2], [-10.0, -60.0, 1.8]]), atol=1e-4)
-    expected = zero123_pose(target, source)
-    got = pose_vectors(spherical(target.position), spherical(source.position))
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(target.spherical, torch.tensor([[50.0, 120.0, 2.2], [-10.0, -60.0, 1.8]]), atol=1e-4)
+
+    def polar_azimuth_radius(p):  # independently, from the camera positions
+        r = p.norm(dim=-1)
+        return torch.acos(p[:, 2] / r), torch.atan2(p[:, 1], p[:, 0]), r
+
+    (tt, pt, rt), (tc, pc, rc) = polar_azimuth_radius(target.position), polar_azimuth_radius(source.position)
+    expected = torch.stack([tt - tc, torch.sin(pt - pc), torch.cos(pt - pc), rt - rc], -1)
+    assert torch.allclose(pose_vectors(target.spherical, source.spherical), expected, atol=1e-5)
+    assert torch.allclose(zero123_pose(target, source), expected, atol=1e-5)
+    stable = zero123_pose(target, source, stable=True)
+    assert torch.allclose(stable[:, 3], tc.expand(2), atol=1e-5) and torch.allclose(stable[:, :3], expected[:, :3])
 
 
 def test_context_tokens_and_their_unconditional_half(models):

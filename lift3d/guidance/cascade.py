@@ -108,9 +108,7 @@ class CascadeZero123(Zero123GuidanceBase):
             self.base = None  # only the self-prompts needed it: free its memory
 
     def reference_view(self) -> torch.Tensor:
-        from lift3d.zero123.cascade import spherical
-
-        return spherical(self.reference_camera.position.reshape(-1, 3)[:1].float())[0].cpu()
+        return self.reference_camera.spherical[0].cpu()
 
     def refresh_condition(self) -> None:
         from lift3d.zero123.cascade import encode_cascade_condition
@@ -186,9 +184,9 @@ class CascadeZero123(Zero123GuidanceBase):
         return embed(self.model, image)
 
     def eps(self, noisy: torch.Tensor, t: torch.Tensor, cameras, render: dict, step: int) -> torch.Tensor:
-        from lift3d.zero123.cascade import refiner_noise, spherical
+        from lift3d.zero123.cascade import refiner_noise
 
-        targets = spherical(cameras.position.reshape(-1, 3).float())
+        targets = cameras.spherical
         coarse = self.coarse_embedding(noisy, t, cameras, render)
         return refiner_noise(self.model, noisy, t, self.cascade, targets, self.cfg.guidance_scale, coarse)
 

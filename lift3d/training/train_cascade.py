@@ -79,7 +79,8 @@ def parse_args(argv):
 def make_prompts(base, data, args, log) -> torch.Tensor:
     """Self-prompt images (N, S, P, 3, H, W) uint8 for the first S views of every object, cached in
     OUT/prompts.pt (and resumed from it, chunk by chunk)."""
-    from lift3d.zero123.cascade import nearby_views, pose_vectors, spherical, weights_fingerprint
+    from lift3d.cameras import position_to_spherical, zero123_pose_vectors
+    from lift3d.zero123.cascade import nearby_views, weights_fingerprint
     from lift3d.zero123.nvs import sample
 
     n, s, p = len(data), args.sources, len(args.offsets)
@@ -94,9 +95,9 @@ def make_prompts(base, data, args, log) -> torch.Tensor:
     for start in range(state["done"], n, chunk):
         obj = torch.arange(start, min(n, start + chunk))
         src = data.images[obj, :s].reshape(-1, *data.images.shape[2:]).float() / 255          # (k*s, 3, H, W)
-        views = spherical(data.positions[obj, :s].reshape(-1, 3))                             # (k*s, 3)
+        views = position_to_spherical(data.positions[obj, :s].reshape(-1, 3))                             # (k*s, 3)
         targets = torch.stack([nearby_views(v, args.offsets) for v in views])                 # (k*s, P, 3)
-        pose = pose_vectors(targets, views[:, None]).reshape(-1, 4)
+        pose = zero123_pose_vectors(targets, views[:, None]).reshape(-1, 4)
         cond = base.encode_condition(src.repeat_interleave(p, 0))
         g = torch.Generator().manual_seed(args.seed * 100003 + start)
         images = sample(base, cond, pose, args.prompt_steps, args.prompt_scale, eta=0.0, generator=g)
@@ -124,8 +125,8 @@ def train_cascade(argv=None) -> int:
 
     from lift3d.training.data import MultiViewSet
     from lift3d.zero123 import Zero123Model
-    from lift3d.zero123.cascade import (CascadeLayout, drop_embeddings, embed, nearby_views, pose_vectors, spherical,
-                                        token_inputs)
+    from lift3d.cameras import position_to_spherical, zero123_pose_vectors
+    from lift3d.zero123.cascade import CascadeLayout, drop_embeddings, embed, nearby_views, token_inputs
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,7 +153,7 @@ def train_cascade(argv=None) -> int:
         src_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(len(data), args.sources, -1)
         flat = prompts.reshape(-1, *prompts.shape[3:]).float() / 255
         prompt_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*prompts.shape[:3], -1)
-    views = spherical(data.positions)                                            # (N, V, 3)
+    views = position_to_spherical(data.positions)                                            # (N, V, 3)
 
     refiner = copy.deepcopy(base)
     trainable = {"unet": refiner.unet, "projection": refiner.projection}
@@ -202,7 +203,7 @@ def train_cascade(argv=None) -> int:
         if use.any():
             with torch.no_grad():
                 coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], src_emb[obj[use], src[use]],
-                                               pose_vectors(tgt_view[use], src_view[use]), refiner)
+                                               zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
         embeddings, poses = token_inputs(src_emb[obj, src], coarse, prompt_emb[obj, src], src_view, prompt_views,
                                          tgt_view)
         r = torch.rand(b, generator=g)

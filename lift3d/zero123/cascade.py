@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from lift3d.cameras import zero123_pose_vectors
 from lift3d.utils.io import write_json
 
 PAPER_NEARBY = ((0.0, 45.0, 0.0), (0.0, -45.0, 0.0), (30.0, 0.0, 0.0))  # (Δelevation°, Δazimuth°, Δdistance)
@@ -56,25 +57,9 @@ class CascadeLayout:
         write_json(os.path.join(folder, LAYOUT_FILE), asdict(self))
 
 
-def pose_vectors(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Zero123 pose of ``target`` views (..., 3) relative to ``source`` views (..., 3), both
-    (elevation°, azimuth°, distance), broadcast: -> (..., 4)."""
-    d_polar = torch.deg2rad(source[..., 0] - target[..., 0])       # (90 − e_t) − (90 − e_s)
-    d_az = torch.deg2rad(target[..., 1] - source[..., 1])
-    return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), target[..., 2] - source[..., 2]], -1)
-
-
 def nearby_views(view: torch.Tensor, offsets) -> torch.Tensor:
     """The self-prompt views (P, 3) of an input view (3,): the input plus each offset."""
     return view.reshape(1, 3).float() + torch.as_tensor(offsets, dtype=torch.float32).reshape(-1, 3)
-
-
-def spherical(position: torch.Tensor) -> torch.Tensor:
-    """Camera positions (..., 3) in the z-up world -> (elevation°, azimuth°, distance)."""
-    r = position.norm(dim=-1)
-    elevation = torch.rad2deg(torch.asin((position[..., 2] / r).clamp(-1, 1)))
-    azimuth = torch.rad2deg(torch.atan2(position[..., 1], position[..., 0]))
-    return torch.stack([elevation, azimuth, r], -1)
 
 
 @dataclass
@@ -113,9 +98,9 @@ def token_inputs(input_emb: torch.Tensor, coarse: Optional[torch.Tensor], prompt
     b = len(targets)
     coarse = torch.zeros_like(input_emb) if coarse is None else coarse.to(input_emb)
     embeddings = torch.cat([input_emb[:, None], coarse[:, None], prompt_emb.to(input_emb)], 1)
-    poses = torch.cat([pose_vectors(targets, input_view)[:, None],
+    poses = torch.cat([zero123_pose_vectors(targets, input_view)[:, None],
                        torch.zeros(b, 1, 4, device=targets.device),                     # coarse: zero pose
-                       pose_vectors(targets[:, None], prompt_views)], 1)
+                       zero123_pose_vectors(targets[:, None], prompt_views)], 1)
     return embeddings, poses
 
 
@@ -160,7 +145,7 @@ def generate_prompts(base, input_01: torch.Tensor, view: torch.Tensor, offsets, 
 
     views = nearby_views(view, offsets)
     condition = base.encode_condition(input_01)
-    pose = pose_vectors(views, view.reshape(1, 3).float())
+    pose = zero123_pose_vectors(views, view.reshape(1, 3).float())
     images = sample(base, condition, pose, steps, scale, eta=0.0, generator=torch.Generator().manual_seed(seed))
     return images, views
 
