@@ -17,13 +17,16 @@ SIZES = {
     "mini": dict(
         image=64,
         unet=dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=32),
-        vae=dict(block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8),
+        # 2 GroupNorm groups, not 8: with one channel per group the decoder's last norm standardises
+        # every channel per image, which erases the colour of a flat object on white (the first
+        # mini model was colour-blind for exactly this reason).
+        vae=dict(block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=2),
         clip=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, patch_size=8),
         context=128),
     "tiny": dict(
         image=32,
         unet=dict(block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=4, norm_num_groups=8),
-        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
+        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=2),
         clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8),
         context=16),
 }

@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--vae-chroma-weight", type=float, default=10.0,
+                   help="weight of the colour (pixel minus its grey level) MSE in the VAE loss")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
