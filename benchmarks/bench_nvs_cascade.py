@@ -41,6 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the views (1, as `lift3d nvs`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-objects", type=int, default=None)
     p.add_argument("--out", default=None, help="write results.json and grid.png here")
@@ -78,10 +79,10 @@ def main(argv=None) -> dict:
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(1000 * n + seed)
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
-                                zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=0.0, generator=g)
+                                zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=args.eta, generator=g)
             prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance, seed=1000 * n + seed)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
-            refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=0.0,
+            refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=args.eta,
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
             for name, views in (("base", base_views), ("cascade", refined)):
                 for off in (90, 180):
@@ -97,12 +98,13 @@ def main(argv=None) -> dict:
         return sum(values) / max(1, len(values))
 
     results = {"objects": ids, "base": args.base, "refiner": args.refiner, "ddim_steps": args.steps,
-               "guidance_scale": args.guidance, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
+               "guidance_scale": args.guidance, "eta": args.eta, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
                "scores": {name: {str(off): {"psnr": mean([r[0] for r in rows[name][off]]),
                                             "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
                           for name in rows},
                "consistency": {name: mean(v) for name, v in consistency.items()}}
-    print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps, guidance {args.guidance}")
+    print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps (eta {args.eta}), "
+          f"guidance {args.guidance}")
     print("| method | +90° PSNR | +90° SSIM | +180° PSNR | +180° SSIM | hull consistency |")
     print("|---|---|---|---|---|---|")
     for name in rows:

@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1, as `lift3d nvs`; 0: deterministic)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write results.json and grid.png here")
     args = p.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
     preds = torch.zeros_like(targets)
     for seed in range(args.seeds):
         views = sample(model, model.encode_condition(cond.repeat(len(offsets), 1, 1, 1)),
-                       poses.transpose(0, 1).reshape(-1, 4), steps=args.steps, scale=args.guidance, eta=0.0,
+                       poses.transpose(0, 1).reshape(-1, 4), steps=args.steps, scale=args.guidance, eta=args.eta,
                        generator=torch.Generator().manual_seed(seed))
         views = views.reshape(len(offsets), k, *views.shape[1:]).transpose(0, 1)
         first = views if seed == 0 else first
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
         recon = model.decode(model.encode(flat, sample=False)).clamp(0, 1).reshape(targets.shape)
 
     results = {"objects": list(heldout.bench), "model": args.model, "ddim_steps": args.steps,
-               "guidance_scale": args.guidance, "seeds": args.seeds, "seconds_per_view": sample_time / (k * len(offsets) * args.seeds),
+               "guidance_scale": args.guidance, "eta": args.eta, "seeds": args.seeds, "seconds_per_view": sample_time / (k * len(offsets) * args.seeds),
                "offsets": {}}
     for j, off in enumerate(offsets):
         gt = targets[:, j]
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
         results["offsets"][off] = {name: {"psnr": psnr(x, gt).mean().item(), "ssim": ssim(x, gt).mean().item(),
                                           "psnr_per_object": psnr(x, gt).tolist()} for name, x in methods.items()}
 
-    print(f"{k} held-out objects, DDIM {args.steps} steps, guidance {args.guidance}, mean of {args.seeds} samples "
+    print(f"{k} held-out objects, DDIM {args.steps} steps (eta {args.eta}), guidance {args.guidance}, mean of {args.seeds} samples "
           f"({results['seconds_per_view']:.2f} s per view)")
     print("| azimuth offset | method | PSNR (dB) | SSIM |")
     print("|---|---|---|---|")
