@@ -1,8 +1,8 @@
 """The VAE stages of ``lift3d train-zero123`` (from scratch only).
 
 1. ``train_vae``: the whole autoencoder on the training views (MSE + L1 + a chroma term + a tiny
-   KL term), then the
-   latent scaling factor is set to 1 / std of the training latents (how SD's 0.18215 was chosen).
+   KL term), then the latent scaling factor is set to 1 / std of the training latents (how SD's
+   0.18215 was chosen).
 2. ``train_decoder`` (optional, ``--decoder-steps``): the decoder alone, the encoder frozen. The
    latent space the diffusion model learns does not move, so this stage may run after the
    diffusion stage, or beside it (``--decoder-only``), and only sharpens what the model's latents
@@ -27,7 +27,7 @@ def out_of_time(t0: float, minutes) -> bool:
 def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, chroma_weight: float) -> torch.Tensor:
     """MSE + L1, plus ``chroma_weight`` x the MSE of each pixel's colour minus its grey level.
 
-    Colour is a small part of the plain loss on mostly-white views (~3 %), and a small VAE fits
+    Colour is a few percent of the plain loss on mostly-white views, and a small VAE fits
     shape and shading first and colour last or never; the chroma term makes it learn colour early.
     """
     loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
