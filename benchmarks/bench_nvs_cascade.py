@@ -13,6 +13,9 @@ Scores:
   Perfectly consistent views of a box score about 0.8 to 0.93 with this 8-view ring (the hull of 8
   views is looser than the object), so compare the two methods, not against 1.
 
+Diagnostic ``--oracle-prompts``: the self-prompts are replaced by ground-truth renders of the nearby
+views, which tells a weak refiner from weak prompts.
+
     python benchmarks/bench_nvs_cascade.py --data DATA --refiner lift3d/assets/cascade-mini-refiner
 """
 
@@ -44,6 +47,9 @@ def main(argv=None) -> dict:
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the views (1, as `lift3d nvs`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-objects", type=int, default=None)
+    p.add_argument("--oracle-prompts", action="store_true",
+                   help="diagnostic: replace the self-prompts by ground-truth renders of the nearby views (re-made "
+                        "from the dataset generator's held-out sources), to separate the refiner from its prompts")
     p.add_argument("--out", default=None, help="write results.json and grid.png here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,6 +67,11 @@ def main(argv=None) -> dict:
     ids = list(heldout.bench)[:args.max_objects]
     size = heldout.size
 
+    sources = {}
+    if args.oracle_prompts:
+        from lift3d.training.data import object_sources
+
+        sources = {object_id: make for object_id, split, make in object_sources(0, 0) if split == "heldout"}
     t0 = time.time()
     rows = {"base": {90: [], 180: []}, "cascade": {90: [], 180: []}}
     consistency = {"base": [], "cascade": []}
@@ -81,6 +92,8 @@ def main(argv=None) -> dict:
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
                                 zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=args.eta, generator=g)
             prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance, seed=1000 * n + seed)
+            if args.oracle_prompts:
+                prompts = oracle_prompts(sources[object_id], prompt_views, heldout.fovy_deg, size)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
             refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=args.eta,
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
@@ -98,7 +111,7 @@ def main(argv=None) -> dict:
         return sum(values) / max(1, len(values))
 
     results = {"objects": ids, "base": args.base, "refiner": args.refiner, "ddim_steps": args.steps,
-               "guidance_scale": args.guidance, "eta": args.eta, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
+               "guidance_scale": args.guidance, "eta": args.eta, "oracle_prompts": args.oracle_prompts, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
                "scores": {name: {str(off): {"psnr": mean([r[0] for r in rows[name][off]]),
                                             "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
                           for name in rows},
@@ -119,6 +132,19 @@ def main(argv=None) -> dict:
         flat = [t.permute(1, 2, 0) for row in tiles for t in row]
         save_image(os.path.join(args.out, "grid.png"), image_grid(flat, len(tiles[0])))
     return results
+
+
+def oracle_prompts(make_mesh, prompt_views: torch.Tensor, fovy_deg: float, size: int) -> torch.Tensor:
+    """Ground-truth renders (P, 3, H, W) in [0, 1] on white of the object at ``prompt_views`` (P, 3)."""
+    from lift3d.cameras import Cameras
+    from lift3d.mesh import normalize_mesh
+    from lift3d.training.data import on_white, render_views
+
+    mesh, _, _ = normalize_mesh(make_mesh())
+    v = prompt_views.tolist()
+    cams = Cameras.cat([Cameras.from_spherical(e, [a], d, fovy_deg, size, size) for e, a, d in v])
+    rgba = torch.from_numpy(render_views(mesh, cams)).permute(0, 3, 1, 2).float() / 255
+    return on_white(rgba)
 
 
 if __name__ == "__main__":
