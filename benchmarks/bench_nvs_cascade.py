@@ -57,7 +57,8 @@ def main(argv=None) -> dict:
     from lift3d.cameras import Cameras
     from lift3d.zero123 import Zero123Model
     from lift3d.cameras import zero123_pose_vectors
-    from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
+    from lift3d.zero123.cascade import (CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts,
+                                       nearby_views)
     from lift3d.zero123.nvs import sample
 
     base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
@@ -87,13 +88,16 @@ def main(argv=None) -> dict:
         targets = view[None] + torch.tensor([[0.0, off, 0.0] for off in OFFSETS])
         ring = Cameras.from_spherical([float(view[0])] * 8, [float(view[1]) + off for off in [0.0] + OFFSETS],
                                       float(view[2]), heldout.fovy_deg, size, size)
+        if args.oracle_prompts:  # the same for every seed: rendered once
+            prompt_views = nearby_views(view, nearby)
+            prompts = oracle_prompts(sources[object_id], prompt_views, heldout.fovy_deg, size)
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(1000 * n + seed)
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
                                 zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=args.eta, generator=g)
-            prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance, seed=1000 * n + seed)
-            if args.oracle_prompts:
-                prompts = oracle_prompts(sources[object_id], prompt_views, heldout.fovy_deg, size)
+            if not args.oracle_prompts:
+                prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance,
+                                                         seed=1000 * n + seed)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
             refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=args.eta,
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
