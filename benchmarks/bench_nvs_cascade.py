@@ -4,8 +4,9 @@ For every held-out object of a dataset (layout: lift3d/training/data.py) the inp
 view (elevation 30°). Both methods produce views at azimuth +45° ... +315° (every 45°, same
 elevation and distance), one DDIM sample per view and seed:
 - base: the Zero123 model alone;
-- cascade: self-prompts from the base (the refiner's nearby offsets), the base's view of the same
-  target as the coarse token, then the refiner.
+- cascade: self-prompts from the base (the refiner's nearby offsets), then the refiner, with the
+  base's view of the same target as the coarse token (``--coarse base-view``, as `lift3d nvs`) or
+  no coarse token (``--coarse none``).
 Scores:
 - PSNR / SSIM at +90° and +180° against the ground-truth renders (mean over objects and seeds);
 - consistency: leave-one-out visual-hull silhouette IoU (lift3d.training.nvs_eval.hull_consistency):
@@ -43,10 +44,15 @@ def main(argv=None) -> dict:
     p.add_argument("--data", required=True)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--refiner-guidance", type=float, default=None,
+                   help="the refiner's CFG scale (default --guidance); its unconditional half keeps the self-prompts")
+    p.add_argument("--prompt-steps", type=int, default=None, help="DDIM steps of the self-prompts (default --steps)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the views (1, as `lift3d nvs`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-objects", type=int, default=None)
+    p.add_argument("--coarse", choices=("base-view", "none"), default="base-view",
+                   help="the refiner's coarse target token: the base's view of the target, or none (zero embedding)")
     p.add_argument("--oracle-prompts", action="store_true",
                    help="diagnostic: replace the self-prompts by ground-truth renders of the nearby views (re-made "
                         "from the dataset generator's held-out sources), to separate the refiner from its prompts")
@@ -68,6 +74,7 @@ def main(argv=None) -> dict:
     ids = list(heldout.bench)[:args.max_objects]
     size = heldout.size
 
+    refiner_scale = args.guidance if args.refiner_guidance is None else args.refiner_guidance
     sources = {}
     if args.oracle_prompts:
         from lift3d.training.data import object_sources
@@ -96,10 +103,10 @@ def main(argv=None) -> dict:
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
                                 zero123_pose_vectors(targets, view[None]), args.steps, args.guidance, eta=args.eta, generator=g)
             if not args.oracle_prompts:
-                prompts, prompt_views = generate_prompts(base, x, view, nearby, args.steps, args.guidance,
+                prompts, prompt_views = generate_prompts(base, x, view, nearby, args.prompt_steps or args.steps, args.guidance,
                                                          seed=1000 * n + seed)
             cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
-            refined = cascade_sample(refiner, cond, targets, args.steps, args.guidance, coarse_01=base_views, eta=args.eta,
+            refined = cascade_sample(refiner, cond, targets, args.steps, refiner_scale, coarse_01=base_views if args.coarse == "base-view" else None, eta=args.eta,
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
             for name, views in (("base", base_views), ("cascade", refined)):
                 for off in (90, 180):
@@ -115,13 +122,13 @@ def main(argv=None) -> dict:
         return sum(values) / max(1, len(values))
 
     results = {"objects": ids, "base": args.base, "refiner": args.refiner, "ddim_steps": args.steps,
-               "guidance_scale": args.guidance, "eta": args.eta, "oracle_prompts": args.oracle_prompts, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
+               "guidance_scale": args.guidance, "refiner_guidance_scale": refiner_scale, "eta": args.eta, "coarse": args.coarse, "oracle_prompts": args.oracle_prompts, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
                "scores": {name: {str(off): {"psnr": mean([r[0] for r in rows[name][off]]),
                                             "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
                           for name in rows},
                "consistency": {name: mean(v) for name, v in consistency.items()}}
     print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps (eta {args.eta}), "
-          f"guidance {args.guidance}")
+          f"guidance {args.guidance} (refiner {refiner_scale}), coarse token: {args.coarse}")
     print("| method | +90° PSNR | +90° SSIM | +180° PSNR | +180° SSIM | hull consistency |")
     print("|---|---|---|---|---|---|")
     for name in rows:
