@@ -2,7 +2,7 @@
 
 For every held-out object of a dataset (layout: lift3d/training/data.py) the input is the bench
 view (elevation 30°). Both methods produce views at azimuth +45° ... +315° (every 45°, same
-elevation and distance), one DDIM sample per view and seed:
+elevation and distance), one DDIM sample per view and seed (and the mean of the seeds' samples):
 - base: the Zero123 model alone;
 - cascade: self-prompts from the base (the refiner's nearby offsets), then the refiner, with the
   base's view of the same target as the coarse token (``--coarse base-view``, as `lift3d nvs`) or
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
 
         sources = {object_id: make for object_id, split, make in object_sources(0, 0) if split == "heldout"}
     t0 = time.time()
-    rows = {"base": {90: [], 180: []}, "cascade": {90: [], 180: []}}
+    rows = {name: {90: [], 180: []} for name in ("base", "cascade", "base, mean of seeds", "cascade, mean of seeds")}
     consistency = {"base": [], "cascade": []}
     tiles = []
     for n, object_id in enumerate(ids):
@@ -98,6 +98,7 @@ def main(argv=None) -> dict:
         if args.oracle_prompts:  # the same for every seed: rendered once
             prompt_views = nearby_views(view, nearby)
             prompts = oracle_prompts(sources[object_id], prompt_views, heldout.fovy_deg, size)
+        sums = {"base": 0.0, "cascade": 0.0}
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(1000 * n + seed)
             base_views = sample(base, base.encode_condition(x.expand(len(targets), -1, -1, -1)),
@@ -109,6 +110,7 @@ def main(argv=None) -> dict:
             refined = cascade_sample(refiner, cond, targets, args.steps, refiner_scale, coarse_01=base_views if args.coarse == "base-view" else None, eta=args.eta,
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
             for name, views in (("base", base_views), ("cascade", refined)):
+                sums[name] = sums[name] + views / args.seeds
                 for off in (90, 180):
                     pred = views[OFFSETS.index(float(off))][None]
                     rows[name][off].append((psnr(pred, gt[off][None]).item(), ssim(pred, gt[off][None]).item()))
@@ -116,10 +118,17 @@ def main(argv=None) -> dict:
                 consistency[name].append(hull_consistency(masks, ring).mean().item())
             if seed == 0 and n < 8:
                 tiles.append([x[0], *prompts, gt[90], base_views[1], refined[1], gt[180], base_views[3], refined[3]])
+        for name, views in sums.items():  # the mean of the seeds' views: closer to the posterior mean
+            for off in (90, 180):
+                pred = views[OFFSETS.index(float(off))][None]
+                rows[f"{name}, mean of seeds"][off].append((psnr(pred, gt[off][None]).item(), ssim(pred, gt[off][None]).item()))
         print(f"{n + 1}/{len(ids)} objects ({time.time() - t0:.0f} s)", flush=True)
 
     def mean(values):
         return sum(values) / max(1, len(values))
+
+    def fmt(value):
+        return "" if value is None else f"{value:.3f}"
 
     results = {"objects": ids, "base": args.base, "refiner": args.refiner, "ddim_steps": args.steps,
                "guidance_scale": args.guidance, "refiner_guidance_scale": refiner_scale, "eta": args.eta, "coarse": args.coarse, "oracle_prompts": args.oracle_prompts, "seeds": args.seeds, "nearby": nearby, "seconds": time.time() - t0,
@@ -127,6 +136,7 @@ def main(argv=None) -> dict:
                                             "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
                           for name in rows},
                "consistency": {name: mean(v) for name, v in consistency.items()}}
+    results["consistency"].update({f"{name}, mean of seeds": None for name in consistency})
     print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps (eta {args.eta}), "
           f"guidance {args.guidance} (refiner {refiner_scale}), coarse token: {args.coarse}")
     print("| method | +90° PSNR | +90° SSIM | +180° PSNR | +180° SSIM | hull consistency |")
@@ -134,7 +144,7 @@ def main(argv=None) -> dict:
     for name in rows:
         s = results["scores"][name]
         print(f"| {name} | {s['90']['psnr']:.2f} | {s['90']['ssim']:.3f} | {s['180']['psnr']:.2f} | "
-              f"{s['180']['ssim']:.3f} | {results['consistency'][name]:.3f} |")
+              f"{s['180']['ssim']:.3f} | {fmt(results['consistency'][name])} |")
     if args.out:
         from lift3d.utils.images import image_grid
         from lift3d.utils.io import save_image, write_json
