@@ -189,6 +189,9 @@ def test_train_cascade_prompts_resume_and_self_distillation(models, tiny_data64,
     assert train_cascade(common + ["--steps", "2", "--momentum", "0", "--ema-decay", "0"]) == 0
     prompts = torch.load(os.path.join(out, "prompts.pt"), weights_only=True)
     assert prompts["done"] == 2 and prompts["images"].shape == (2, 1, 3, 3, 64, 64)
+    coarse = torch.load(os.path.join(out, "coarse.pt"), weights_only=True)  # the base's view of each of the 3 views
+    assert coarse["done"] == 2 and coarse["images"].shape == (2, 1, 3, 3, 64, 64)
+    assert not torch.equal(coarse["images"][:, :, 1], coarse["images"][:, :, 2])
     assert CascadeLayout.load(str(tmp_path / "refiner")).nearby == [[0.0, 45.0, 0.0], [0.0, -45.0, 0.0], [30.0, 0.0, 0.0]]
     # momentum 0: the base becomes the refiner (EMA decay 0 saves the live refiner weights)
     refiner = _unet_params(str(tmp_path / "refiner"))
@@ -200,9 +203,9 @@ def test_train_cascade_prompts_resume_and_self_distillation(models, tiny_data64,
     assert ckpt["step"] == 2
 
     # resume: the prompts are not regenerated, the step count continues; momentum 1 freezes the base
-    mtime = os.path.getmtime(os.path.join(out, "prompts.pt"))
+    mtimes = [os.path.getmtime(os.path.join(out, f)) for f in ("prompts.pt", "coarse.pt")]
     assert train_cascade(common + ["--steps", "3", "--resume", "--momentum", "1"]) == 0
-    assert os.path.getmtime(os.path.join(out, "prompts.pt")) == mtime
+    assert [os.path.getmtime(os.path.join(out, f)) for f in ("prompts.pt", "coarse.pt")] == mtimes
     ckpt = torch.load(os.path.join(out, "ckpts", "last.ckpt"), weights_only=True)
     assert ckpt["step"] == 3 and [s for s, _ in ckpt["losses"]] == [1, 2, 3]
     again = _unet_params(str(tmp_path / "distilled"))

@@ -7,14 +7,15 @@ dataset (the layout of lift3d/training/data.py), as the paper's method (lift3d/z
    online for every batch, as the paper does on GPUs, would cost ~50x the training step on a CPU.
 2. **The refiner** starts as a copy of the base. Per sample: a source view with its prompts, a
    different target view; context = input token, coarse-target token, one token per prompt. The
-   coarse token is, with probability ``--coarse-prob``, the base model's one-step estimate x̂₀ of
-   the same noisy target latent (so the refiner learns to use a rough guess of the target), else a
-   zero embedding. Only the source latent is concatenated. CFG dropout as the paper (p = 0.05):
+   coarse token is, with probability ``--coarse-prob``, a guess of the target by the base, else a
+   zero embedding. ``--coarse-source sample`` (the paper): the base's DDIM view of the target, made
+   once before training like the prompts (``OUT/coarse.pt``); ``estimate``: the base's one-step
+   estimate x̂₀ of the same noisy target latent, made online. Only the source latent is concatenated. CFG dropout as the paper (p = 0.05):
    r < p: input and coarse embeddings zeroed; p <= r < 2p: those and the latent; 2p <= r < 3p: the
    latent only. The UNet and camera projection train (projection at 10x the learning rate, as
    Zero123); the VAE and image encoder stay frozen.
 3. **Self-distillation**: after every step the base moves towards the refiner,
-   base <- m * base + (1 - m) * refiner (``--momentum``), so the coarse estimates improve too.
+   base <- m * base + (1 - m) * refiner (``--momentum``), so online coarse estimates improve too.
 
 Outputs: ``OUT/ckpts/last.ckpt`` (``--resume``), ``OUT/loss.csv``, the refiner (EMA weights) in
 ``--model-out`` (kxic layout + ``cascade.json``) and the distilled base in ``--base-out`` if given.
@@ -59,7 +60,10 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the refiner's weights (what is saved)")
     p.add_argument("--momentum", type=float, default=0.999, help="self-distillation: base <- m base + (1-m) refiner")
-    p.add_argument("--coarse-prob", type=float, default=0.5, help="share of samples with a coarse-target estimate")
+    p.add_argument("--coarse-prob", type=float, default=0.5, help="share of samples with a coarse-target token")
+    p.add_argument("--coarse-source", choices=("sample", "estimate"), default="sample",
+                   help="the coarse token: the base's DDIM view of the target (the paper; made once) or its "
+                        "one-step estimate of the noisy target (online)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -76,36 +80,58 @@ def parse_args(argv):
 
 
 @torch.no_grad()
-def make_prompts(base, data, args, log) -> torch.Tensor:
-    """Self-prompt images (N, S, P, 3, H, W) uint8 for the first S views of every object, cached in
-    OUT/prompts.pt (and resumed from it, chunk by chunk)."""
+def cached_base_views(base, data, args, name: str, targets_of, log, salt: int = 0) -> torch.Tensor:
+    """The base model's DDIM views (N, S, P, 3, H, W) uint8 of the first S views of every object, at P
+    target views per source view: ``targets_of(obj, views)`` maps object indices (k,) and their source
+    views (k*S, 3) to targets (k*S, P, 3). Cached in OUT/{name}.pt and resumed from it, chunk by chunk."""
     from lift3d.cameras import position_to_spherical, zero123_pose_vectors
-    from lift3d.zero123.cascade import nearby_views, weights_fingerprint
+    from lift3d.zero123.cascade import weights_fingerprint
     from lift3d.zero123.nvs import sample
 
-    n, s, p = len(data), args.sources, len(args.offsets)
-    key = {"base": weights_fingerprint(base), "offsets": args.offsets, "sources": s, "steps": args.prompt_steps,
-           "scale": args.prompt_scale, "seed": args.seed, "objects": list(data.ids)}
-    path = os.path.join(args.out, "prompts.pt")
+    n, s = len(data), args.sources
+    first = targets_of(torch.arange(1), position_to_spherical(data.positions[:1, :s].reshape(-1, 3)))
+    p = first.shape[1]
+    key = {"base": weights_fingerprint(base), "what": name, "targets": first.tolist(), "sources": s,
+           "steps": args.prompt_steps, "scale": args.prompt_scale, "seed": args.seed, "objects": list(data.ids)}
+    path = os.path.join(args.out, f"{name}.pt")
     state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
     if state.get("key") != key:
         size = data.images.shape[-1]
         state = {"key": key, "done": 0, "images": torch.zeros(n, s, p, 3, size, size, dtype=torch.uint8)}
-    t0, chunk = time.time(), max(1, 64 // s)
+    t0, chunk = time.time(), max(1, 64 // (s * max(1, p // 3)))
     for start in range(state["done"], n, chunk):
         obj = torch.arange(start, min(n, start + chunk))
         src = data.images[obj, :s].reshape(-1, *data.images.shape[2:]).float() / 255          # (k*s, 3, H, W)
-        views = position_to_spherical(data.positions[obj, :s].reshape(-1, 3))                             # (k*s, 3)
-        targets = torch.stack([nearby_views(v, args.offsets) for v in views])                 # (k*s, P, 3)
+        views = position_to_spherical(data.positions[obj, :s].reshape(-1, 3))                 # (k*s, 3)
+        targets = targets_of(obj, views)                                                       # (k*s, P, 3)
         pose = zero123_pose_vectors(targets, views[:, None]).reshape(-1, 4)
         cond = base.encode_condition(src.repeat_interleave(p, 0))
-        g = torch.Generator().manual_seed(args.seed * 100003 + start)
+        g = torch.Generator().manual_seed(args.seed * 100003 + start + 7919 * salt)
         images = sample(base, cond, pose, args.prompt_steps, args.prompt_scale, eta=0.0, generator=g)
         state["images"][obj] = (images * 255).round().to(torch.uint8).reshape(len(obj), s, p, *images.shape[1:])
         state["done"] = int(obj[-1]) + 1
         save_torch(path, state)
-        log(f"self-prompts: {state['done']}/{n} objects ({time.time() - t0:.0f} s)")
+        log(f"{name}: {state['done']}/{n} objects ({time.time() - t0:.0f} s)")
     return state["images"]
+
+
+def make_prompts(base, data, args, log) -> torch.Tensor:
+    """Self-prompts (N, S, P, 3, H, W) uint8: the base's views at the nearby offsets of each source view."""
+    from lift3d.zero123.cascade import nearby_views
+
+    return cached_base_views(base, data, args, "prompts",
+                             lambda obj, views: torch.stack([nearby_views(v, args.offsets) for v in views]), log)
+
+
+def make_coarse_views(base, data, args, log) -> torch.Tensor:
+    """Coarse targets (N, S, V, 3, H, W) uint8, as the paper: the base's view of every dataset view of
+    the object from each source view (the slot of the source itself is unused)."""
+    from lift3d.cameras import position_to_spherical
+
+    def targets_of(obj, views):
+        return position_to_spherical(data.positions[obj]).repeat_interleave(args.sources, 0)  # (k*s, V, 3)
+
+    return cached_base_views(base, data, args, "coarse", targets_of, log, salt=1)
 
 
 def coarse_estimates(base, noisy, t, latent, emb_src, pose_src, refiner) -> torch.Tensor:
@@ -145,6 +171,7 @@ def train_cascade(argv=None) -> int:
         raise UserError(f"--sources {args.sources} leaves no target views ({data.images.shape[1]} views per object)")
     log(f"{len(data)} objects x {data.images.shape[1]} views; {args.sources} sources x {len(args.offsets)} prompts each")
     prompts = make_prompts(base, data, args, log)
+    coarse_views = make_coarse_views(base, data, args, log) if args.coarse_source == "sample" else None
 
     # Frozen encodings, computed once: source latents, CLIP embeddings of sources and prompts.
     mean, std = encode_dataset(base, data.images)
@@ -153,6 +180,9 @@ def train_cascade(argv=None) -> int:
         src_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(len(data), args.sources, -1)
         flat = prompts.reshape(-1, *prompts.shape[3:]).float() / 255
         prompt_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*prompts.shape[:3], -1)
+        if coarse_views is not None:
+            flat = coarse_views.reshape(-1, *coarse_views.shape[3:]).float() / 255
+            coarse_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*coarse_views.shape[:3], -1)
     views = position_to_spherical(data.positions)                                            # (N, V, 3)
 
     refiner = copy.deepcopy(base)
@@ -200,7 +230,9 @@ def train_cascade(argv=None) -> int:
         latent = mean[obj, src]
         coarse = torch.zeros_like(src_emb[obj, src])
         use = torch.rand(b, generator=g) < args.coarse_prob
-        if use.any():
+        if use.any() and coarse_views is not None:
+            coarse[use] = coarse_emb[obj[use], src[use], tgt[use]]
+        elif use.any():
             with torch.no_grad():
                 coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], src_emb[obj[use], src[use]],
                                                zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
