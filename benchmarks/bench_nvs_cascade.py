@@ -145,6 +145,11 @@ def main(argv=None) -> dict:
         s = results["scores"][name]
         print(f"| {name} | {s['90']['psnr']:.2f} | {s['90']['ssim']:.3f} | {s['180']['psnr']:.2f} | "
               f"{s['180']['ssim']:.3f} | {fmt(results['consistency'][name])} |")
+    for off in (90, 180):  # paired over (object, seed): the same input, prompts' seed and target
+        diffs = torch.tensor([c[0] - b[0] for c, b in zip(rows["cascade"][off], rows["base"][off])])
+        se = (diffs.std() / len(diffs) ** 0.5).item() if len(diffs) > 1 else float("nan")
+        results["scores"]["cascade"][str(off)]["psnr_gain_vs_base"] = {"mean": diffs.mean().item(), "se": se}
+        print(f"+{off}°: cascade - base PSNR {diffs.mean().item():+.2f} ± {se:.2f} dB (standard error, {len(diffs)} pairs)")
     if args.out:
         from lift3d.utils.images import image_grid
         from lift3d.utils.io import save_image, write_json

@@ -265,7 +265,7 @@ def train_cascade(argv=None) -> int:
     ema.swap()
     refiner.eval().requires_grad_(False)
     _replace_model_folder(refiner, args.model_out)
-    CascadeLayout(nearby=args.offsets, base_model=args.base).save(args.model_out)
+    CascadeLayout(nearby=args.offsets, base_model=args.base, coarse_source=args.coarse_source).save(args.model_out)
     log(f"saved the refiner to {args.model_out}")
     if args.base_out:
         base.eval().requires_grad_(False)

@@ -43,6 +43,7 @@ class CascadeLayout:
 
     nearby: list = field(default_factory=lambda: [list(v) for v in PAPER_NEARBY])
     base_model: str = ""            # the base it was trained from (provenance only)
+    coarse_source: str = ""         # what its coarse token was in training: sample | estimate ("": not recorded)
 
     @classmethod
     def load(cls, folder: str) -> "CascadeLayout":
