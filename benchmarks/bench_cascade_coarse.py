@@ -9,7 +9,8 @@ t on a grid over [20, 980] and the same noise for every option, this prints the 
 - ``estimate``: the base model's one-step estimate x̂₀ of the same noisy latent;
 - ``render (ideal)``: the ground-truth target image itself, i.e. a render of a field that is
   already right (an upper bound for ``render``; early in a run the render is far worse);
-and the base model alone for reference.
+and the base model alone for reference. Two more rows (coarse ``none``) tell whether the refiner
+uses its prompt tokens at all: the self-prompts' embeddings zeroed, and another object's self-prompts.
 
     python benchmarks/bench_cascade_coarse.py --data DATA --refiner lift3d/assets/cascade-mini-refiner
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -46,16 +48,23 @@ def main(argv=None) -> dict:
     nearby = CascadeLayout.load(args.refiner).nearby
     data = MultiViewSet(args.data, "heldout")
     ts = torch.arange(20, 1000, 80)
-    totals = {"base alone": 0.0, "none": 0.0, "estimate": 0.0, "render (ideal)": 0.0}
+    totals = {"base alone": 0.0, "none": 0.0, "estimate": 0.0, "render (ideal)": 0.0,
+              "none, prompts zeroed": 0.0, "none, another object's prompts": 0.0}
     count = 0
     with torch.no_grad():
         n_objects = min(len(data), args.max_objects or len(data))
+        conds = []
+        for n in range(n_objects):
+            x, view = data.images[n, :1].float() / 255, position_to_spherical(data.positions[n, :1])[0]
+            prompts, prompt_views = generate_prompts(base, x, view, nearby, args.prompt_steps, 3.0, seed=n)
+            conds.append(encode_cascade_condition(refiner, x, view, prompts, prompt_views))
         for n in range(n_objects):
             images = data.images[n].float() / 255                         # (V, 3, H, W)
             views = position_to_spherical(data.positions[n])
             x, view = images[:1], views[0]
-            prompts, prompt_views = generate_prompts(base, x, view, nearby, args.prompt_steps, 3.0, seed=n)
-            cond = encode_cascade_condition(refiner, x, view, prompts, prompt_views)
+            cond = conds[n]
+            zeroed = replace(cond, prompt_embeddings=torch.zeros_like(cond.prompt_embeddings))
+            swapped = replace(cond, prompt_embeddings=conds[(n + 1) % n_objects].prompt_embeddings)
             base_cond = base.encode_condition(x)
             targets, target_views = images[1:], views[1:]
             z0 = base.encode(targets, sample=False)
@@ -69,8 +78,10 @@ def main(argv=None) -> dict:
                 x0 = (noisy - (1 - a).sqrt() * eps_base) / a.sqrt()
                 estimate = embed(refiner, base.decode(x0).clamp(0, 1))
                 totals["base alone"] += (eps_base - noise).pow(2).mean().item()
-                for name, coarse in (("none", None), ("estimate", estimate), ("render (ideal)", ideal)):
-                    eps = refiner_noise(refiner, noisy, t, cond, target_views, 1.0, coarse)
+                for name, c, coarse in (("none", cond, None), ("estimate", cond, estimate), ("render (ideal)", cond, ideal),
+                                        ("none, prompts zeroed", zeroed, None),
+                                        ("none, another object's prompts", swapped, None)):
+                    eps = refiner_noise(refiner, noisy, t, c, target_views, 1.0, coarse)
                     totals[name] += (eps - noise).pow(2).mean().item()
                 count += 1
             print(f"{n + 1}/{n_objects} objects", flush=True)

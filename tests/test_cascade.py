@@ -303,3 +303,20 @@ def imageio_read(path):
 def test_every_shipped_config_loads_and_validates(name):
     cfg = load_config(os.path.join(CONFIGS, name), [])       # validates the whole tree, plugins included
     assert cfg.system.guidance_type
+
+
+def test_train_cascade_can_train_the_image_encoder(models, tiny_data64, tmp_path):
+    from lift3d.training.train_cascade import train_cascade
+    from lift3d.zero123 import Zero123Model
+
+    base, _ = models
+    args = ["--base", base, "--data", tiny_data64, "--out", str(tmp_path / "run"), "--sources", "1",
+            "--prompt-steps", "2", "--batch-size", "4", "--threads", "1", "--coarse-prob", "1", "--steps", "2",
+            "--ema-decay", "0", "--lr", "1e-3", "--model-out", str(tmp_path / "refiner")]
+    assert train_cascade(args + ["--train-image-encoder"]) == 0
+    trained = Zero123Model.from_pretrained(str(tmp_path / "refiner")).image_encoder.state_dict()
+    original = Zero123Model.from_pretrained(base).image_encoder.state_dict()
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)
+    assert train_cascade(args + ["--model-out", str(tmp_path / "frozen")]) == 0  # without the flag it stays
+    frozen = Zero123Model.from_pretrained(str(tmp_path / "frozen")).image_encoder.state_dict()
+    assert all(torch.equal(frozen[k], original[k]) for k in frozen)

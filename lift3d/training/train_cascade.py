@@ -13,7 +13,8 @@ dataset (the layout of lift3d/training/data.py), as the paper's method (lift3d/z
    estimate x̂₀ of the same noisy target latent, made online. Only the source latent is concatenated. CFG dropout as the paper (p = 0.05):
    r < p: input and coarse embeddings zeroed; p <= r < 2p: those and the latent; 2p <= r < 3p: the
    latent only. The UNet and camera projection train (projection at 10x the learning rate, as
-   Zero123); the VAE and image encoder stay frozen.
+   Zero123); the VAE stays frozen, and so does the image encoder unless ``--train-image-encoder``
+   (then every condition image is embedded by the refiner's own encoder at every step).
 3. **Self-distillation**: after every step the base moves towards the refiner,
    base <- m * base + (1 - m) * refiner (``--momentum``), so online coarse estimates improve too.
 
@@ -64,6 +65,8 @@ def parse_args(argv):
     p.add_argument("--coarse-source", choices=("sample", "estimate"), default="sample",
                    help="the coarse token: the base's DDIM view of the target (the paper; made once) or its "
                         "one-step estimate of the noisy target (online)")
+    p.add_argument("--train-image-encoder", action="store_true",
+                   help="train the refiner's image encoder too (it embeds the prompts; frozen in the paper's code)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +148,11 @@ def coarse_estimates(base, noisy, t, latent, emb_src, pose_src, refiner) -> torc
     return embed(refiner, base.decode(x0).clamp(0, 1))
 
 
+def encode_images(model, images_01: torch.Tensor) -> torch.Tensor:
+    """CLIP image embeddings (B, D) of images (B, 3, H, W) in [0, 1], with gradients (``embed`` has none)."""
+    return model.image_encoder(pixel_values=model.clip_preprocess(images_01 * 2 - 1)).image_embeds
+
+
 def train_cascade(argv=None) -> int:
     """``lift3d train-cascade ...`` (wired in lift3d/cli.py). Returns the exit status."""
     from tqdm import tqdm
@@ -186,9 +194,10 @@ def train_cascade(argv=None) -> int:
     views = position_to_spherical(data.positions)                                            # (N, V, 3)
 
     refiner = copy.deepcopy(base)
-    trainable = {"unet": refiner.unet, "projection": refiner.projection}
+    names = ("unet", "projection") + (("image_encoder",) if args.train_image_encoder else ())
+    trainable = {name: getattr(refiner, name) for name in names}
     params = named_params(trainable)
-    base_params = named_params({"unet": base.unet, "projection": base.projection})
+    base_params = named_params({name: getattr(base, name) for name in names})
     for module in trainable.values():
         module.train().requires_grad_(True)
     groups = [{"params": [p for k, p in params.items() if not k.startswith("projection.")], "lr": args.lr},
@@ -230,14 +239,24 @@ def train_cascade(argv=None) -> int:
         latent = mean[obj, src]
         coarse = torch.zeros_like(src_emb[obj, src])
         use = torch.rand(b, generator=g) < args.coarse_prob
-        if use.any() and coarse_views is not None:
+        input_emb, prompt_e = src_emb[obj, src], prompt_emb[obj, src]
+        if args.train_image_encoder:  # embed with the refiner's encoder, with gradients
+            images = [data.images[obj, src], prompts[obj, src].flatten(0, 1)]
+            if coarse_views is not None and use.any():
+                images.append(coarse_views[obj[use], src[use], tgt[use]])
+            e = encode_images(refiner, torch.cat(images).float() / 255)
+            n_prompts = prompts.shape[2]
+            input_emb, prompt_e = e[:b], e[b:b * (1 + n_prompts)].reshape(b, n_prompts, -1)
+            if len(images) == 3:
+                coarse = coarse.clone()
+                coarse[use] = e[b * (1 + n_prompts):]
+        elif use.any() and coarse_views is not None:
             coarse[use] = coarse_emb[obj[use], src[use], tgt[use]]
-        elif use.any():
+        if use.any() and coarse_views is None:
             with torch.no_grad():
                 coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], src_emb[obj[use], src[use]],
                                                zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
-        embeddings, poses = token_inputs(src_emb[obj, src], coarse, prompt_emb[obj, src], src_view, prompt_views,
-                                         tgt_view)
+        embeddings, poses = token_inputs(input_emb, coarse, prompt_e, src_view, prompt_views, tgt_view)
         r = torch.rand(b, generator=g)
         embeddings = drop_embeddings(embeddings, (r < 2 * P_DROP))
         latent = latent * ~((r >= P_DROP) & (r < 3 * P_DROP))[:, None, None, None]
