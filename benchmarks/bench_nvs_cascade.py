@@ -136,7 +136,6 @@ def main(argv=None) -> dict:
                                             "ssim": mean([r[1] for r in rows[name][off]])} for off in (90, 180)}
                           for name in rows},
                "consistency": {name: mean(v) for name, v in consistency.items()}}
-    results["consistency"].update({f"{name}, mean of seeds": None for name in consistency})
     print(f"{len(ids)} held-out objects x {args.seeds} seeds, DDIM {args.steps} steps (eta {args.eta}), "
           f"guidance {args.guidance} (refiner {refiner_scale}), coarse token: {args.coarse}")
     print("| method | +90° PSNR | +90° SSIM | +180° PSNR | +180° SSIM | hull consistency |")
@@ -144,7 +143,7 @@ def main(argv=None) -> dict:
     for name in rows:
         s = results["scores"][name]
         print(f"| {name} | {s['90']['psnr']:.2f} | {s['90']['ssim']:.3f} | {s['180']['psnr']:.2f} | "
-              f"{s['180']['ssim']:.3f} | {fmt(results['consistency'][name])} |")
+              f"{s['180']['ssim']:.3f} | {fmt(results['consistency'].get(name))} |")
     for off in (90, 180):  # paired over (object, seed): the same input, prompts' seed and target
         diffs = torch.tensor([c[0] - b[0] for c, b in zip(rows["cascade"][off], rows["base"][off])])
         se = (diffs.std() / len(diffs) ** 0.5).item() if len(diffs) > 1 else float("nan")

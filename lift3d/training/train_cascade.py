@@ -10,9 +10,9 @@ dataset (the layout of lift3d/training/data.py), as the paper's method (lift3d/z
    coarse token is, with probability ``--coarse-prob``, a guess of the target by the base, else a
    zero embedding. ``--coarse-source sample`` (the paper): the base's DDIM view of the target, made
    once before training like the prompts (``OUT/coarse.pt``); ``estimate``: the base's one-step
-   estimate x̂₀ of the same noisy target latent, made online. Only the source latent is concatenated. CFG dropout as the paper (p = 0.05):
-   r < p: input and coarse embeddings zeroed; p <= r < 2p: those and the latent; 2p <= r < 3p: the
-   latent only. The UNet and camera projection train (projection at 10x the learning rate, as
+   estimate x̂₀ of the same noisy target latent, made online. Only the source latent is
+   concatenated. CFG dropout as the paper (p = 0.05): r < p: input and coarse embeddings zeroed;
+   p <= r < 2p: those and the latent; 2p <= r < 3p: the latent only. The UNet and camera projection train (projection at 10x the learning rate, as
    Zero123); the VAE stays frozen, and so does the image encoder unless ``--train-image-encoder``
    (then every condition image is embedded by the refiner's own encoder at every step).
 3. **Self-distillation**: after every step the base moves towards the refiner,
@@ -188,7 +188,7 @@ def train_cascade(argv=None) -> int:
         src_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(len(data), args.sources, -1)
         flat = prompts.reshape(-1, *prompts.shape[3:]).float() / 255
         prompt_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*prompts.shape[:3], -1)
-        if coarse_views is not None:
+        if coarse_views is not None and not args.train_image_encoder:  # else embedded at every step
             flat = coarse_views.reshape(-1, *coarse_views.shape[3:]).float() / 255
             coarse_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*coarse_views.shape[:3], -1)
     views = position_to_spherical(data.positions)                                            # (N, V, 3)
@@ -237,22 +237,20 @@ def train_cascade(argv=None) -> int:
         t = torch.randint(0, refiner.num_train_timesteps, (b,), generator=g)
         noisy = refiner.scheduler.add_noise(z0, noise, t)
         latent = mean[obj, src]
-        coarse = torch.zeros_like(src_emb[obj, src])
-        use = torch.rand(b, generator=g) < args.coarse_prob
         input_emb, prompt_e = src_emb[obj, src], prompt_emb[obj, src]
-        if args.train_image_encoder:  # embed with the refiner's encoder, with gradients
-            images = [data.images[obj, src], prompts[obj, src].flatten(0, 1)]
-            if coarse_views is not None and use.any():
-                images.append(coarse_views[obj[use], src[use], tgt[use]])
-            e = encode_images(refiner, torch.cat(images).float() / 255)
+        coarse = torch.zeros_like(input_emb)
+        use = torch.rand(b, generator=g) < args.coarse_prob
+        coarse_images = None if coarse_views is None else coarse_views[obj[use], src[use], tgt[use]]
+        if args.train_image_encoder:  # every condition image through the refiner's encoder, with gradients
             n_prompts = prompts.shape[2]
+            parts = [data.images[obj, src], prompts[obj, src].flatten(0, 1)] + [x for x in [coarse_images] if x is not None]
+            e = encode_images(refiner, torch.cat(parts).float() / 255)
             input_emb, prompt_e = e[:b], e[b:b * (1 + n_prompts)].reshape(b, n_prompts, -1)
-            if len(images) == 3:
-                coarse = coarse.clone()
-                coarse[use] = e[b * (1 + n_prompts):]
-        elif use.any() and coarse_views is not None:
+            if coarse_images is not None:
+                coarse = coarse.index_put((use,), e[b * (1 + n_prompts):])
+        elif coarse_images is not None:
             coarse[use] = coarse_emb[obj[use], src[use], tgt[use]]
-        if use.any() and coarse_views is None:
+        if coarse_views is None and use.any():
             with torch.no_grad():
                 coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], src_emb[obj[use], src[use]],
                                                zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
