@@ -111,17 +111,13 @@ def main(argv=None) -> dict:
                                      generator=torch.Generator().manual_seed(1000 * n + seed + 500))
             for name, views in (("base", base_views), ("cascade", refined)):
                 sums[name] = sums[name] + views / args.seeds
-                for off in (90, 180):
-                    pred = views[OFFSETS.index(float(off))][None]
-                    rows[name][off].append((psnr(pred, gt[off][None]).item(), ssim(pred, gt[off][None]).item()))
+                score(rows[name], views, gt)
                 masks = silhouettes(torch.cat([x, views]))
                 consistency[name].append(hull_consistency(masks, ring).mean().item())
             if seed == 0 and n < 8:
                 tiles.append([x[0], *prompts, gt[90], base_views[1], refined[1], gt[180], base_views[3], refined[3]])
         for name, views in sums.items():  # the mean of the seeds' views: closer to the posterior mean
-            for off in (90, 180):
-                pred = views[OFFSETS.index(float(off))][None]
-                rows[f"{name}, mean of seeds"][off].append((psnr(pred, gt[off][None]).item(), ssim(pred, gt[off][None]).item()))
+            score(rows[f"{name}, mean of seeds"], views, gt)
         print(f"{n + 1}/{len(ids)} objects ({time.time() - t0:.0f} s)", flush=True)
 
     def mean(values):
@@ -157,6 +153,13 @@ def main(argv=None) -> dict:
         flat = [t.permute(1, 2, 0) for row in tiles for t in row]
         save_image(os.path.join(args.out, "grid.png"), image_grid(flat, len(tiles[0])))
     return results
+
+
+def score(rows: dict, views: torch.Tensor, gt: dict) -> None:
+    """Append (PSNR, SSIM) of the ring views (7, 3, H, W) at +90° and +180° to ``rows[offset]``."""
+    for off in (90, 180):
+        pred, target = views[OFFSETS.index(float(off))][None], gt[off][None]
+        rows[off].append((psnr(pred, target).item(), ssim(pred, target).item()))
 
 
 def oracle_prompts(make_mesh, prompt_views: torch.Tensor, fovy_deg: float, size: int) -> torch.Tensor:
