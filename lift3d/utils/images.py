@@ -1,4 +1,4 @@
-"""Image grids and turntable videos."""
+"""Image resizing, grids and turntable videos."""
 
 from __future__ import annotations
 
@@ -7,6 +7,21 @@ import os
 import numpy as np
 
 from lift3d.utils import io
+
+
+def resize(images, size, mode: str = "bilinear", channels_last: bool = False, antialias: bool = False):
+    """The one image resize of lift3d: a batch (B,C,H,W), or (B,H,W,C) with ``channels_last``, to
+    ``size`` = (h, w) or an int for a square. Returns a contiguous tensor in the input's layout; a
+    batch already at that size comes back unchanged (no copy, no round-off)."""
+    import torch.nn.functional as F
+
+    size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    x = images.permute(0, 3, 1, 2) if channels_last else images
+    if tuple(x.shape[-2:]) == size:
+        return images
+    kwargs = {} if mode in ("area", "nearest") else dict(align_corners=False, antialias=antialias)
+    x = F.interpolate(x.contiguous(), size=size, mode=mode, **kwargs)
+    return x.permute(0, 2, 3, 1).contiguous() if channels_last else x
 
 
 def image_grid(images, columns: int = 0) -> np.ndarray:
