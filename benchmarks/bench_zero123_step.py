@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lift3d.config import load_config  # noqa: E402
 from lift3d.registry import find  # noqa: E402
+from lift3d.systems.base import RunContext  # noqa: E402
 from lift3d.zero123.random_model import random_zero123  # noqa: E402
 
 
@@ -98,24 +99,25 @@ def main() -> None:
     torch.manual_seed(0)
 
     cfg = load_config(args.config, [f"image={args.image}"] + args.overrides)
-    data = find(cfg.data_type)(cfg.data, path="data")
+    data = find(cfg.data_type, "data")(cfg.data, path="data")
     reference = data.reference_view()
-    system = find(cfg.system_type)(cfg.system, path="system")
-    guidance = find(cfg.system.guidance_type)(cfg.system.guidance, path="system.guidance")
+    system = find(cfg.system_type, "system")(cfg.system, path="system")
+    system.setup(data, RunContext(device=torch.device("cpu")), train=False)
+    guidance = find(cfg.system.guidance_type, "guidance")(cfg.system.guidance, path="system.guidance")
     base_rss = rss_gib()
     t = time.perf_counter()
-    guidance.model = random_zero123(args.size)
+    guidance.prior.model = random_zero123(args.size)
     build_s = time.perf_counter() - t
     model_rss = rss_gib() - base_rss
-    guidance.set_reference(reference)
+    guidance.prior.set_reference(reference)
     system.guidance = guidance
     optimizer = system.configure_optimizer()
 
     totals: dict = defaultdict(lambda: [0.0, 0.0])
     timed(system, "render", "render", totals)
-    timed(guidance.model, "predict_noise", "unet", totals)
-    timed(guidance.model, "decode", "vae", totals)
-    timed(guidance.model, "encode", "vae", totals)
+    timed(guidance.prior.model, "predict_noise", "unet", totals)
+    timed(guidance.prior.model, "decode", "vae", totals)
+    timed(guidance.prior.model, "encode", "vae", totals)
 
     peak = 0.0
     for step in range(args.warmup + args.steps):
@@ -126,7 +128,7 @@ def main() -> None:
         views = data.sample_views()
         with PeakRSS() as mem:
             start = clock()
-            out = system.training_step(reference, views, step)
+            out = system.training_step(views, step)
             add(totals, "forward", start)
             start = clock()
             out["loss"].backward()

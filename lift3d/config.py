@@ -134,7 +134,7 @@ def validate_tree(cfg: Any, schema: Optional[type] = None, path: str = "") -> No
         if not key.endswith("_type") or cfg[key] is None:
             continue
         sub = key[: -len("_type")]
-        plugin = find(str(cfg[key]), kind=key.replace("_", " "))
+        plugin = find(str(cfg[key]), kind=sub)
         sub_schema = getattr(plugin, "Config", None)
         sub_cfg = cfg.get(sub, None) or {}
         validate_tree(sub_cfg, sub_schema, f"{path}.{sub}" if path else sub)

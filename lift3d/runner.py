@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lift3d.config import ExperimentConfig, parse_config
 from lift3d.errors import UserError
-from lift3d.guidance.base import GuidanceContext
 from lift3d.registry import find
+from lift3d.systems.base import RunContext
 from lift3d.utils import io
 from lift3d.utils.images import image_grid, save_video
 
@@ -74,8 +74,8 @@ class Experiment:
         if self.exp.trainer.num_threads:
             torch.set_num_threads(self.exp.trainer.num_threads)
         self._seed(self.exp.seed)
-        self.data = find(self.exp.data_type, "data type")(self.exp.data, path="data")
-        self.system = find(self.exp.system_type, "system type")(self.exp.system, path="system").to(self.device)
+        self.data = find(self.exp.data_type, "data")(self.exp.data, path="data")
+        self.system = find(self.exp.system_type, "system")(self.exp.system, path="system").to(self.device)
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.exp.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -109,15 +109,19 @@ class Experiment:
         io.save_torch(self.ckpt_path, state)
         return self.ckpt_path
 
-    def restore(self, path: str) -> None:
+    def restore(self, path: str, with_optimizer: bool = False) -> None:
+        """Load a checkpoint's weights (their shapes may differ: see BaseSystem) and RNG states;
+        with ``with_optimizer``, build the optimiser over the loaded weights and restore it too."""
         ckpt = load_checkpoint(path)
         try:
             self.system.load_state_dict(ckpt["system"])
         except RuntimeError as e:
             raise UserError(f"checkpoint {path} does not match this config's model: {str(e).splitlines()[0]}"
                             " (use the config saved in the trial's configs/parsed.yaml)") from None
-        if self.optimizer is not None and ckpt.get("optimizer"):
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if with_optimizer:
+            self.optimizer = self.system.configure_optimizer()
+            if ckpt.get("optimizer"):
+                self.optimizer.load_state_dict(ckpt["optimizer"])
         if "torch_rng" in ckpt:
             torch.set_rng_state(ckpt["torch_rng"])
         if "view_rng" in ckpt:
@@ -137,6 +141,7 @@ class Experiment:
             if not self.exp.resume:
                 raise UserError(f"--{mode} needs a trained model: pass resume=<trial>/ckpts/last.ckpt")
             self.restore(self.exp.resume)
+            self.system.setup(self.data, self.context(), train=False)
             if mode == "test":
                 self.test()
             elif mode == "export":
@@ -147,13 +152,12 @@ class Experiment:
         from tqdm import tqdm
 
         t = self.exp.trainer
-        reference = self.data.reference_view()
-        self.optimizer = self.system.configure_optimizer()
+        self.data.reference_view()  # bad input fails here, before a model loads
         if self.exp.resume:
-            self.restore(self.exp.resume)
-        context = GuidanceContext(device=self.device, trial_dir=self.trial_dir,
-                                  gt_mesh=getattr(self.data.cfg, "gt_mesh", None) or None, seed=self.exp.seed)
-        self.system.prepare_guidance(reference, context)
+            self.restore(self.exp.resume, with_optimizer=True)
+        else:
+            self.optimizer = self.system.configure_optimizer()
+        self.system.setup(self.data, self.context(), train=True)
         self.system.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("LIFT3D_NO_PROGRESS") == "1")
@@ -162,7 +166,7 @@ class Experiment:
                 self.data.update_step(self.step)
                 self.system.update_step(self.step)
                 views = self.data.sample_views(self.generator).to(self.device)
-                out = self.system.training_step(reference, views, self.step)
+                out = self.system.training_step(views, self.step)
                 loss = out["loss"]
                 if not torch.is_tensor(loss) or not torch.isfinite(loss):
                     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
@@ -172,6 +176,7 @@ class Experiment:
                                     "Lower the learning rate or the loss weights.")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.system.on_after_backward(self.optimizer, self.step)
                 self.optimizer.step()
                 self.step += 1
                 bar.update(1)
@@ -179,7 +184,7 @@ class Experiment:
                     bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
                                     for k, v in out.items()})
                 if t.val_every and self.step % t.val_every == 0:
-                    self.validate(reference)
+                    self.validate()
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -188,44 +193,24 @@ class Experiment:
         bar.close()
         self.save_checkpoint()
 
-    def validate(self, reference) -> None:
-        views = self.data.val_views()
-        images = self.system.render_views(views.to(self.device))
-        ref = self.system.render_views(reference.camera.to(self.device)
-                                       if not self.system.latent_field else
-                                       reference.camera.with_size(reference.camera.height // 8,
-                                                                  reference.camera.width // 8).to(self.device))
-        extra = getattr(self.system.guidance, "validation_images", lambda: [])()  # e.g. Cascade's self-prompts
-        row = [reference.rgb, _fit(ref[0], reference.rgb.shape[:2])] + \
-            [_fit(i, reference.rgb.shape[:2]) for i in [*images, *extra]]
-        io.save_image(self.path("save", f"it{self.step}-val.png"), image_grid(row))
+    def context(self) -> RunContext:
+        return RunContext(device=self.device, trial_dir=self.trial_dir, seed=self.exp.seed)
+
+    def validate(self) -> None:
+        io.save_image(self.path("save", f"it{self.step}-val.png"), image_grid(self.system.validation_images()))
 
     def test(self) -> None:
-        """Turntable renders: frames and a video under save/."""
-        images = self.system.render_views(self.data.test_views().to(self.device))
-        frames = [(img.numpy() * 255).astype(np.uint8) for img in images]
+        """Turntable renders: a video under save/."""
+        frames = [(img.numpy() * 255).astype(np.uint8) for img in self.system.test_frames()]
         save_video(self.path("save", f"it{self.step}-test"), frames)
 
     def export(self) -> None:
-        from lift3d.export.mesh import export_mesh
-
-        paths = export_mesh(self.system.geometry, self.path("export"), self.system.cfg.export)
-        log.info("exported %s", ", ".join(paths.values()) if isinstance(paths, dict) else paths)
-        gt = getattr(self.data.cfg, "gt_mesh", None)
-        if gt:
-            from lift3d.evaluation.metrics import evaluate
-
-            metrics = evaluate(self.path("export", "model.obj"), gt, protocol=self.exp.eval_protocol)
+        exported = self.system.export(self.path("export"))
+        log.info("exported %s", ", ".join(exported.values()))
+        metrics = self.system.metrics(exported, self.exp.eval_protocol)
+        if metrics is not None:
             io.write_json(self.path("metrics.json"), metrics)
             print(_metrics_line(metrics))
-
-
-def _fit(image: torch.Tensor, size) -> torch.Tensor:
-    if tuple(image.shape[:2]) == tuple(size):
-        return image
-    x = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=tuple(size), mode="bilinear",
-                                        align_corners=False)
-    return x[0].permute(1, 2, 0)
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -248,5 +233,6 @@ def load_trial(trial_dir: str, overrides: list[str] = ()) -> Experiment:
     ckpt = os.path.join(trial_dir, "ckpts", "last.ckpt")
     exp = Experiment(load_config(os.path.join(trial_dir, "configs", "parsed.yaml"), [f"resume={ckpt}", *overrides]))
     exp.restore(ckpt)
+    exp.system.setup(exp.data, exp.context(), train=False)
     exp.system.eval()
     return exp

@@ -11,7 +11,7 @@ from lift3d.config import load_config, parse_config
 from lift3d.data.reference import ReferenceView
 from lift3d.errors import UserError
 from lift3d.guidance.base import GuidanceContext
-from lift3d.guidance.cascade import CascadeZero123
+from lift3d.guidance.presets import CascadeZero123
 from lift3d.zero123 import cascade
 from lift3d.cameras import zero123_pose_vectors as pose_vectors
 from lift3d.zero123.cascade import CascadeLayout, refiner_contexts
@@ -122,13 +122,13 @@ def test_self_prompts_are_saved_and_cached(models, tmp_path, monkeypatch):
     assert len(calls) == 1
     folder = tmp_path / "trial" / "save" / "self_prompts"
     assert sorted(os.listdir(folder)) == ["prompt_00.png", "prompt_01.png", "prompt_02.png", "prompts.json", "prompts.png"]
-    assert g.prompt_images.shape == (3, 3, 64, 64)
-    assert torch.allclose(g.prompt_views, torch.tensor([[20.0, 55.0, 2.0], [20.0, -35.0, 2.0], [50.0, 10.0, 2.0]]), atol=1e-3)
+    assert g.prior.prompt_images.shape == (3, 3, 64, 64)
+    assert torch.allclose(g.prior.prompt_views, torch.tensor([[20.0, 55.0, 2.0], [20.0, -35.0, 2.0], [50.0, 10.0, 2.0]]), atol=1e-3)
     # a resume (same trial) and a re-run (new trial, shared cache) reuse them, bit for bit
     again = make(models, tmp_path)
     rerun = make(models, tmp_path, trial="other")
     assert len(calls) == 1
-    assert torch.equal(again.prompt_images, g.prompt_images) and torch.equal(rerun.prompt_images, g.prompt_images)
+    assert torch.equal(again.prior.prompt_images, g.prior.prompt_images) and torch.equal(rerun.prior.prompt_images, g.prior.prompt_images)
     assert (tmp_path / "other" / "save" / "self_prompts" / "prompts.json").is_file()
     # another seed or other offsets are another key
     make(models, tmp_path, trial="third", nearby_views=[[0, 90, 0]])
@@ -139,7 +139,7 @@ def test_self_prompts_are_saved_and_cached(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method,coarse", [("sjc", "none"), ("sds", "render"), ("sjc", "estimate")])
 def test_guidance_gives_gradients(models, tmp_path, method, coarse):
     g = make(models, tmp_path, method=method, coarse_token=coarse, guidance_scale=3.0)
-    assert (g.base is not None) == (coarse == "estimate")
+    assert (g.prior.base is not None) == (coarse == "estimate")
     render = {"comp_rgb": torch.rand(2, 16, 16, 3, requires_grad=True)}
     out = g(render, VIEWS, step=0)
     out["loss_guidance"].backward()

@@ -99,8 +99,9 @@ def test_every_regulariser_gives_finite_gradients(tmp_path, tiny_config, disc_pn
     names = ["depth_smooth_ref", "depth_smooth", "near_view", "normal_smooth", "orient", "sparsity", "opaque"]
     exp = Experiment(load_config(tiny_config, overrides(tmp_path, disc_png,
                                                         *[f"system.loss.lambda_{n}=0.1" for n in names])))
+    exp.system.setup(exp.data, exp.context(), train=False)
     exp.system.train()
-    out = exp.system.training_step(exp.data.reference_view(), exp.data.sample_views(exp.generator), 0)
+    out = exp.system.training_step(exp.data.sample_views(exp.generator), 0)
     for n in names:
         assert torch.isfinite(out[f"loss_{n}"]), n
     out["loss"].backward()
@@ -113,10 +114,10 @@ def test_ctrl_c_saves_checkpoint_that_resumes(tmp_path, tiny_config, disc_png, m
     exp = Experiment(cfg)
     real_step = exp.system.training_step
 
-    def interrupt_at_3(reference, views, step):
+    def interrupt_at_3(views, step):
         if step == 3:
             raise KeyboardInterrupt
-        return real_step(reference, views, step)
+        return real_step(views, step)
 
     monkeypatch.setattr(exp.system, "training_step", interrupt_at_3)
     with pytest.raises(Interrupted) as e:
@@ -130,8 +131,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config, di
     exp = Experiment(cfg)
     real_step = exp.system.training_step
 
-    def nan_at_2(reference, views, step):
-        out = real_step(reference, views, step)
+    def nan_at_2(views, step):
+        out = real_step(views, step)
         if step == 2:
             out["loss"] = out["loss"] * float("nan")
         return out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lift3d.guidance.zero123_common import BUNDLED_MODEL
+from lift3d.priors.zero123 import BUNDLED_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from lift3d.cameras import Cameras
 from lift3d.config import parse_config
 from lift3d.data.reference import ReferenceView
 from lift3d.errors import UserError
-from lift3d.guidance import zero123_common
 from lift3d.guidance.base import GuidanceContext
-from lift3d.guidance.zero123_sds import Zero123SDS
-from lift3d.guidance.zero123_sjc import Zero123SJC
+from lift3d.guidance.presets import Zero123SDS, Zero123SJC
+from lift3d.guidance.sjc import SJC
+from lift3d.priors import zero123 as zero123_prior
 from lift3d.zero123.random_model import random_zero123
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -62,21 +62,21 @@ def test_pose_vector(sjc, model_dir):
     expected = torch.tensor([[math.radians((90 - e) - (90 - REF["elevation"])), math.sin(math.radians(a)),
                               math.cos(math.radians(a)), d - REF["distance"]]
                              for e, a, d in ((50, 120, 2.2), (-10, -60, 1.8))])
-    assert torch.allclose(sjc.poses(VIEWS), expected, atol=1e-5)
+    assert torch.allclose(sjc.prior.poses(VIEWS), expected, atol=1e-5)
     stable = make(Zero123SJC, model_dir, pose_variant="stable")
     expected[:, 3] = math.radians(90 - REF["elevation"])
-    assert torch.allclose(stable.poses(VIEWS), expected, atol=1e-5)
+    assert torch.allclose(stable.prior.poses(VIEWS), expected, atol=1e-5)
 
 
 def test_condition_latent_is_unscaled_mode(sjc):
-    model, image = sjc.model, reference().rgb.permute(2, 0, 1)[None]
+    model, image = sjc.prior.model, reference().rgb.permute(2, 0, 1)[None]
     with torch.no_grad():
         moments = model.vae.quant_conv(model.vae.encoder(image * 2 - 1))
-    assert torch.allclose(sjc.condition.latent, moments[:, :4], atol=1e-5)  # the mean, not ×0.18215
+    assert torch.allclose(sjc.prior.condition.latent, moments[:, :4], atol=1e-5)  # the mean, not ×0.18215
 
 
 def test_clip_preprocessing(sjc):
-    model = sjc.model
+    model = sjc.prior.model
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     out = model.clip_preprocess(x)
     size = model.image_encoder.config.image_size
@@ -91,8 +91,8 @@ def test_clip_preprocessing(sjc):
 
 
 def test_cfg_batch_and_guided_noise(sjc):
-    model, cond = sjc.model, sjc.condition
-    noisy, pose = torch.randn(2, 4, 8, 8), sjc.poses(VIEWS)
+    model, cond = sjc.prior.model, sjc.prior.condition
+    noisy, pose = torch.randn(2, 4, 8, 8), sjc.prior.poses(VIEWS)
     unet_in, ctx = model.cfg_batch(noisy, cond, pose)
     # [uncond, cond]: zero token after the projection and zero concat latent, then the conditioned pair.
     W, b = model.projection.weight, model.projection.bias
@@ -132,16 +132,16 @@ def latent_render(b=2, size=8, seed=0):
 
 
 def test_sjc_tick_range_matches_3drec(sjc):
-    lo, hi = sjc.step_range(0)
+    lo, hi = sjc.method.step_range(sjc.prior, 0)
     assert (lo, hi) == (10, 969)  # us[30:-10]
-    sigma = sjc.sigmas()
+    sigma = SJC.sigmas(sjc.prior)
     assert abs(sigma[lo] - 0.0983) < 1e-3 and abs(sigma[hi] - 12.23) < 1e-2
     assert abs(sigma[0] - 0.029) < 1e-3 and abs(sigma[999] - 14.61) < 1e-2
 
 
 def test_sjc_score_is_paas(sjc, monkeypatch):
-    rec = Recorder(sjc.model)
-    monkeypatch.setattr(sjc.model, "predict_noise", rec)
+    rec = Recorder(sjc.prior.model)
+    monkeypatch.setattr(sjc.prior.model, "predict_noise", rec)
     noise = torch.randn(2, 4, 8, 8)
     monkeypatch.setattr(torch, "randn_like", lambda y, **k: noise.clone())
     render = latent_render()
@@ -149,9 +149,9 @@ def test_sjc_score_is_paas(sjc, monkeypatch):
     out["loss_guidance"].backward()
     y = render["comp_rgb"].detach().permute(0, 3, 1, 2)
     noisy, t, pose, scale = rec.calls[0]
-    a = sjc.model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = sjc.prior.model.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert scale == 100.0 and ((t >= 10) & (t <= 969)).all()
-    assert torch.allclose(pose, sjc.poses(VIEWS))
+    assert torch.allclose(pose, sjc.prior.poses(VIEWS))
     # UNet input is the DDPM-noised latent at t; the PAAS score is ε − ε̂; the render gets −score / B.
     assert torch.allclose(noisy, a.sqrt() * y + (1 - a).sqrt() * noise, atol=1e-5)
     score = noise - (0.3 * noisy + 0.1)
@@ -160,21 +160,21 @@ def test_sjc_score_is_paas(sjc, monkeypatch):
 
 def test_sjc_without_var_red(model_dir, monkeypatch):
     g = make(Zero123SJC, model_dir, var_red=False)
-    monkeypatch.setattr(g.model, "predict_noise", Recorder(g.model))
+    monkeypatch.setattr(g.prior.model, "predict_noise", Recorder(g.prior.model))
     y = torch.randn(1, 4, 8, 8)
-    grad, sigma, _ = g.sjc_score(y, VIEWS[:1], {}, 0, var_red=False)
-    noisy = g.model.predict_noise.calls[0][0]
-    assert torch.allclose(grad, -(0.3 * noisy + 0.1), atol=1e-5)  # (D − z_s)/σ = −ε̂
+    score, sigma, _ = g.method.score(g.prior, y, VIEWS[:1], {}, 0)
+    noisy = g.prior.model.predict_noise.calls[0][0]
+    assert torch.allclose(score, -(0.3 * noisy + 0.1), atol=1e-5)  # (D − z_s)/σ = −ε̂
 
 
 def test_sds_gradient(sds, monkeypatch):
-    rec = Recorder(sds.model)
-    monkeypatch.setattr(sds.model, "predict_noise", rec)
+    rec = Recorder(sds.prior.model)
+    monkeypatch.setattr(sds.prior.model, "predict_noise", rec)
     render = latent_render()
     sds(render, VIEWS, step=0)["loss_guidance"].backward()
     z = render["comp_rgb"].detach().permute(0, 3, 1, 2)
     noisy, t, _, scale = rec.calls[0]
-    a = sds.model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = sds.prior.model.alphas_cumprod[t].view(-1, 1, 1, 1)
     noise = (noisy - a.sqrt() * z) / (1 - a).sqrt()
     expected = (1 - a) * (0.3 * noisy + 0.1 - noise) / 2
     assert scale == 3.0 and ((t >= 20) & (t <= 980)).all()
@@ -184,9 +184,9 @@ def test_sds_gradient(sds, monkeypatch):
 def test_sds_step_schedule_clip_and_nan_guard(model_dir, monkeypatch):
     g = make(Zero123SDS, model_dir, min_step_percent=[0, 0.4, 0.2, 200], max_step_percent=[0, 0.85, 0.5, 200],
              grad_clip=0.01)
-    assert g.step_range(0) == (400, 850) and g.step_range(200) == (200, 500) and g.step_range(100) == (300, 675)
+    assert g.method.step_range(g.prior, 0) == (400, 850) and g.method.step_range(g.prior, 200) == (200, 500) and g.method.step_range(g.prior, 100) == (300, 675)
     nan_but_first_channel = lambda x, *a: torch.full_like(x, float("nan")).index_fill(1, torch.tensor([0]), 50.0)  # noqa
-    monkeypatch.setattr(g.model, "predict_noise", nan_but_first_channel)
+    monkeypatch.setattr(g.prior.model, "predict_noise", nan_but_first_channel)
     render = latent_render(1)
     g(render, VIEWS[:1], step=0)["loss_guidance"].backward()
     grad = render["comp_rgb"].grad
@@ -219,7 +219,7 @@ def test_latent_field_decode_and_render_space(model_dir, sjc):
 
 
 def test_default_model_missing(monkeypatch):
-    monkeypatch.setattr(zero123_common, "BUNDLED_MODEL", "/nonexistent/zero123-mini")
+    monkeypatch.setattr(zero123_prior, "BUNDLED_MODEL", "/nonexistent/zero123-mini")
     g = Zero123SJC({}, path="system.guidance")
     with pytest.raises(UserError, match="pretrained_model_name_or_path"):
         g.prepare(reference(), GuidanceContext(device=torch.device("cpu")))
@@ -244,9 +244,9 @@ def test_full_size_model_one_guidance_step():
     """Zero123's real shapes with random weights (~5 GB RAM): one SJC step on a 32x32 latent render
     with backward, and a decode of it to 256^2."""
     g = Zero123SJC({}, path="system.guidance")
-    g.model = random_zero123("full")
-    g.set_reference(reference(256))
-    assert g.condition.embedding.shape == (1, 1, 768) and g.condition.latent.shape == (1, 4, 32, 32)
+    g.prior.model = random_zero123("full")
+    g.prior.set_reference(reference(256))
+    assert g.prior.condition.embedding.shape == (1, 1, 768) and g.prior.condition.latent.shape == (1, 4, 32, 32)
     render = latent_render(1, 32)
     g(render, VIEWS[:1].with_size(32, 32), step=0)["loss_guidance"].backward()
     assert torch.isfinite(render["comp_rgb"].grad).all() and render["comp_rgb"].grad.abs().sum() > 0

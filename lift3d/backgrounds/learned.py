@@ -27,7 +27,7 @@ from lift3d.plugin import PluginModule
 from lift3d.registry import register
 
 
-@register("learned")
+@register("learned", "background")
 class LearnedBackground(PluginModule):
     @dataclass
     class Config:

@@ -15,7 +15,7 @@ from lift3d.plugin import PluginModule
 from lift3d.registry import register
 
 
-@register("solid-color")
+@register("solid-color", "background")
 class SolidColorBackground(PluginModule):
     @dataclass
     class Config:

@@ -28,7 +28,7 @@ from lift3d.plugin import Plugin
 from lift3d.registry import register
 
 
-@register("single-image")
+@register("single-image", "data")
 class SingleImageData(Plugin):
     @dataclass
     class Config:
@@ -85,6 +85,11 @@ class SingleImageData(Plugin):
         self._stage = 0
 
     # ------------------------------------------------------------------ reference view
+
+    @property
+    def gt_mesh(self) -> Optional[str]:
+        """The ground-truth mesh to score against (and for the oracle guidance), or None."""
+        return self.cfg.gt_mesh or None
 
     def reference_camera(self) -> Cameras:
         c = self.cfg

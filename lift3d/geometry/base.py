@@ -7,7 +7,10 @@ A geometry is a field inside the axis-aligned box ``[-radius, radius]^3`` (world
 - ``density_grid(resolution)`` -> (R, R, R) densities at the centres of a regular grid over the
   box, indexed [ix, iy, iz] along world x, y, z (what marching cubes consumes);
 - ``color(points)`` -> (N, 3) RGB in [0, 1] for texture baking (RGB fields only);
-- ``normal(points, eps)`` -> (N, 3) unit normals -grad(sigma)/|grad(sigma)| by central differences.
+- ``normal(points, eps)`` -> (N, 3) unit normals -grad(sigma)/|grad(sigma)| by central differences;
+- ``after_backward(optimizer, step)``: called after each backward pass, before the optimiser step
+  (where a point-based field densifies and prunes; list such parameters in ``resizable_parameters``
+  so checkpoints with another count load, see ``lift3d/systems/base.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class BaseGeometry(PluginModule):
         radius: float = 1.0
 
     n_feature_dims: int = 3
+    resizable_parameters: tuple = ()
+
+    def after_backward(self, optimizer, step: int) -> None:
+        """Densify/prune hook; fields with a fixed parameter count do nothing."""
 
     @property
     def bbox(self) -> torch.Tensor:

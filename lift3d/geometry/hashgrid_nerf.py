@@ -31,7 +31,7 @@ def _mlp(n_in: int, n_out: int, neurons: int, hidden_layers: int) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-@register("hashgrid-nerf")
+@register("hashgrid-nerf", "geometry")
 class HashGridNeRF(BaseGeometry):
     @dataclass
     class Config(BaseGeometry.Config):

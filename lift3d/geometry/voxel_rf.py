@@ -26,7 +26,7 @@ from lift3d.geometry.base import BaseGeometry
 from lift3d.registry import register
 
 
-@register("voxel-rf")
+@register("voxel-rf", "geometry")
 class VoxelRadianceField(BaseGeometry):
     @dataclass
     class Config(BaseGeometry.Config):

@@ -25,7 +25,7 @@ from lift3d.guidance.base import BaseGuidance, GuidanceContext
 from lift3d.registry import register
 
 
-@register("multiview-oracle")
+@register("multiview-oracle", "guidance")
 class MultiviewOracle(BaseGuidance):
     @dataclass
     class Config:

@@ -67,7 +67,7 @@ class _Parts:
     background: torch.nn.Module
 
 
-@register("volume-renderer")
+@register("volume-renderer", "renderer")
 class VolumeRenderer(PluginModule):
     @dataclass
     class Config:

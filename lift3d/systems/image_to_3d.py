@@ -22,9 +22,10 @@ from lift3d.config import C, schedulable
 from lift3d.errors import UserError
 from lift3d.export.mesh import ExportConfig
 from lift3d.guidance.base import GuidanceContext
-from lift3d.plugin import PluginModule
 from lift3d.registry import find, register
 from lift3d.systems import losses
+from lift3d.systems.base import BaseSystem, RunContext
+from lift3d.utils.images import resize
 
 
 @dataclass
@@ -53,8 +54,8 @@ class OptimizerConfig:
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
 
 
-@register("image-to-3d")
-class ImageTo3D(PluginModule):
+@register("image-to-3d", "system")
+class ImageTo3D(BaseSystem):
     @dataclass
     class Config:
         geometry_type: str = "voxel-rf"
@@ -86,11 +87,22 @@ class ImageTo3D(PluginModule):
     def latent_field(self) -> bool:
         return self.geometry.n_feature_dims == 4
 
-    def prepare_guidance(self, reference, context: GuidanceContext) -> None:
+    @property
+    def reference(self):
+        return self.data.reference_view()
+
+    def setup(self, data, context: RunContext, train: bool) -> None:
+        super().setup(data, context, train)
+        if train:
+            self.prepare_guidance(GuidanceContext(device=context.device, trial_dir=context.trial_dir,
+                                                  gt_mesh=data.gt_mesh, seed=context.seed))
+
+    def prepare_guidance(self, context: GuidanceContext) -> None:
         if self.cfg.guidance_type is None:
             if self.latent_field:
                 raise UserError("a latent (4-channel) field needs a guidance to decode it; set system.guidance_type")
             return
+        reference = self.reference
         guidance = find(self.cfg.guidance_type, "guidance")(self.cfg.guidance, path="system.guidance")
         # Check the colour space before prepare(), which may load a large model.
         space = getattr(guidance, "render_space", "rgb")
@@ -124,6 +136,9 @@ class ImageTo3D(PluginModule):
             if part is not None:
                 part.update_step(step)
 
+    def on_after_backward(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.geometry.after_backward(optimizer, step)
+
     # ------------------------------------------------------------------ rendering
 
     def render(self, cameras: Cameras, bg_color=None, normals: bool = False) -> dict:
@@ -152,26 +167,33 @@ class ImageTo3D(PluginModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, reference, views: Cameras, step: int) -> dict:
+    def reference_camera(self) -> Cameras:
+        """The reference camera at the size the field renders it: a latent field renders latents."""
+        camera = self.reference.camera
+        if self.latent_field:
+            f = self.guidance.latent_factor if self.guidance is not None else 1
+            camera = camera.with_size(camera.height // f, camera.width // f)
+        return camera.to(self.device)
+
+    def training_step(self, views: Cameras, step: int) -> dict:
         """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
+        reference = self.reference
+        if self.guidance is not None:
+            views = self.guidance.views(views)
         w = {name[len("lambda_"):]: C(v, step) for name, v in vars(self.cfg.loss).items()}
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
         # 1. Reference view. A latent field renders at latent resolution and is decoded to RGB.
         if w["rgb"] or w["mask"] or w["depth_smooth_ref"]:
-            ref_camera = reference.camera.to(self.device)
-            if self.latent_field:
-                ref_camera = ref_camera.with_size(reference.camera.height // 8, reference.camera.width // 8)
-            out = self.render(ref_camera, bg_color=None if self.latent_field else self._white())
+            out = self.render(self.reference_camera(), bg_color=None if self.latent_field else self._white())
             if w["rgb"]:
                 rgb = self.to_rgb(out["comp_rgb"])
-                target = reference.rgb.to(self.device)[None]
-                if rgb.shape[1:3] != target.shape[1:3]:
-                    target = _resize(target, rgb.shape[1:3])
+                target = resize(reference.rgb.to(self.device)[None], rgb.shape[1:3], mode="area", channels_last=True)
                 terms["rgb"] = losses.masked_rgb_mse(rgb, target)
             if w["mask"]:
-                mask = _resize(reference.mask.to(self.device)[None], out["opacity"].shape[1:3])
+                mask = resize(reference.mask.to(self.device)[None], out["opacity"].shape[1:3], mode="area",
+                              channels_last=True)
                 terms["mask"] = losses.mask_mse(out["opacity"], mask)
             if w["depth_smooth_ref"]:
                 terms["depth_smooth_ref"] = losses.depth_smoothness(out["depth"])
@@ -205,6 +227,32 @@ class ImageTo3D(PluginModule):
         result.update(logs)
         return result
 
+    # ------------------------------------------------------------------ what the runner shows and writes
+
+    def validation_images(self) -> list:
+        """Input, reference-view render, the data module's validation views, the guidance's extras."""
+        reference = self.reference
+        size = reference.rgb.shape[:2]
+        renders = self.render_views(self.data.val_views().to(self.device))
+        ref = self.render_views(self.reference_camera())
+        extra = self.guidance.validation_images() if self.guidance is not None else []
+        return [reference.rgb] + [_fit(i, size) for i in [ref[0], *renders, *extra]]
+
+    def test_frames(self) -> list:
+        return self.render_views(self.data.test_views().to(self.device))
+
+    def export(self, out_dir: str) -> dict:
+        from lift3d.export.mesh import export_mesh
+
+        return export_mesh(self.geometry, out_dir, self.cfg.export)
+
+    def metrics(self, exported: dict, protocol: str) -> Optional[dict]:
+        if not self.data.gt_mesh:
+            return None
+        from lift3d.evaluation.metrics import evaluate
+
+        return evaluate(exported["obj"], self.data.gt_mesh, protocol=protocol)
+
     @property
     def device(self) -> torch.device:
         return next(self.geometry.parameters()).device
@@ -213,10 +261,9 @@ class ImageTo3D(PluginModule):
         return torch.ones(self.geometry.n_feature_dims, device=self.device)
 
 
-def _resize(images: torch.Tensor, size) -> torch.Tensor:
-    """(B,H,W,C) -> (B,h,w,C) with area averaging (masks and targets)."""
-    x = F.interpolate(images.permute(0, 3, 1, 2), size=tuple(size), mode="area")
-    return x.permute(0, 2, 3, 1)
+def _fit(image: torch.Tensor, size) -> torch.Tensor:
+    """An (H, W, C) image resized to ``size`` for the validation strip."""
+    return resize(image[None], size, channels_last=True)[0]
 
 
 def _nudged(cameras: Cameras, offset: float) -> Cameras:

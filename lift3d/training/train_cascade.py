@@ -41,7 +41,7 @@ P_DROP = 0.05
 
 
 def parse_args(argv):
-    from lift3d.guidance.zero123_common import BUNDLED_MODEL
+    from lift3d.priors.zero123 import BUNDLED_MODEL
 
     p = argparse.ArgumentParser(prog="lift3d train-cascade", description=__doc__.splitlines()[0])
     p.add_argument("--base", default=BUNDLED_MODEL, help="the base Zero123 folder (default: the bundled mini model)")

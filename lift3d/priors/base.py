@@ -1,0 +1,79 @@
+"""The interface of a view-conditioned prior, what the distillation methods (SDS, SJC) are written over.
+
+A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It is cheap to build;
+``prepare(reference, context)`` loads its weights and encodes the reference view (so ``--test`` and
+``--export`` never load a model). After that it offers:
+
+- ``image_size``, ``latent_factor``, ``latent_channels``: the native resolution and the latent grid
+  (``image_size // latent_factor`` pixels a side);
+- ``alphas_cumprod`` (T,) and ``num_train_timesteps``: its DDPM noise schedule;
+- ``encode(images)`` (B,3,S,S) in [0, 1] -> scaled latents, differentiable; ``decode(latents)`` back;
+- ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
+  noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
+  also look at the render);
+- optionally ``views(cameras)``, the guidance views it wants instead of the data module's random ones,
+  and ``validation_images()``, extra pictures for the validation strip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lift3d.plugin import Plugin
+
+
+class ViewConditionedPrior(Plugin):
+    latent_channels: int = 4
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(self, reference, context) -> None:
+        """Load the weights and encode ``reference`` (a :class:`lift3d.data.reference.ReferenceView`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def latent_factor(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its latents are computed in."""
+        return torch.float32
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.latent_factor
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cameras, guidance_scale: float,
+                      render: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional
+
+    def views(self, cameras):
+        """The guidance views to render this step; by default the data module's random ones."""
+        return cameras
+
+    def validation_images(self) -> list:
+        """Extra (H, W, 3) images shown after the validation renders."""
+        return []

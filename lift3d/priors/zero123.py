@@ -1,0 +1,129 @@
+"""``zero123``: Zero-1-to-3 and Stable-Zero123 as a view-conditioned prior.
+
+The model (``pretrained_model_name_or_path``: a kxic or bennyguo/ashawkey diffusers folder, an
+original ``.ckpt`` or a hub id; empty: the bundled ``lift3d/assets/zero123-mini``) is loaded in
+``prepare``. The reference view, composited on white at the model's resolution, is its condition; a
+guidance view's relative pose is Zero123's 4-vector (``pose_variant: zero123``) or Stable-Zero123's
+(``stable``: the condition's polar angle in the last slot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from lift3d.cameras import Cameras, zero123_pose
+from lift3d.errors import ConfigError, UserError
+from lift3d.priors.base import ViewConditionedPrior
+from lift3d.registry import register
+from lift3d.utils.images import resize
+
+log = logging.getLogger(__name__)
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+BUNDLED_MODEL = os.path.join(ASSETS, "zero123-mini")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """The user's model path, or the bundled small model when none is given."""
+    if path:
+        return path
+    if os.path.isdir(BUNDLED_MODEL):
+        return BUNDLED_MODEL
+    raise UserError("no Zero123 model given and the bundled lift3d/assets/zero123-mini is not installed; set "
+                    "system.guidance.pretrained_model_name_or_path=PATH (a diffusers folder or an original .ckpt)")
+
+
+def check_choice(where: str, key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}.{key} is '{value}'; use one of {', '.join(allowed)}")
+
+
+@register("zero123", "prior")
+class Zero123Prior(ViewConditionedPrior):
+    @dataclass
+    class Config:
+        pretrained_model_name_or_path: str = ""   # empty: the bundled lift3d/assets/zero123-mini
+        variant: Optional[str] = None          # weight-file variant of a diffusers folder, e.g. "fp16"
+        use_ema: bool = True                   # .ckpt: use its EMA weights when present
+        dtype: str = "float32"                 # float32 | float16 (float16 only on CUDA)
+        pose_variant: str = "zero123"          # zero123 | stable (Stable-Zero123: condition polar angle in slot 4)
+
+    def __init__(self, cfg: Any = None, path: str = "system.guidance.prior"):
+        super().__init__(cfg, path)
+        check_choice(path, "pose_variant", self.cfg.pose_variant, ("zero123", "stable"))
+        check_choice(path, "dtype", self.cfg.dtype, tuple(DTYPES))
+        self.model = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def load_dtype(self, device: torch.device) -> torch.dtype:
+        dtype = DTYPES[self.cfg.dtype]
+        if dtype == torch.float16 and device.type != "cuda":
+            log.warning("guidance dtype float16 needs CUDA; using float32 on %s", device)
+            return torch.float32
+        return dtype
+
+    def load_model(self, path: str, device: torch.device):
+        from lift3d.zero123.model import Zero123Model
+
+        return Zero123Model.from_pretrained(path, torch_dtype=self.load_dtype(device), variant=self.cfg.variant,
+                                            use_ema=self.cfg.use_ema).to(device)
+
+    def prepare(self, reference, context) -> None:
+        self.context = context
+        self.model = self.load_model(resolve_model_path(self.cfg.pretrained_model_name_or_path),
+                                     torch.device(context.device))
+        self.set_reference(reference)
+
+    def reference_image(self, reference) -> torch.Tensor:
+        """The reference view composited on white at the model's resolution, (1, 3, S, S) in [0, 1]."""
+        image = reference.rgb.permute(2, 0, 1)[None].float()
+        return resize(image, self.image_size, mode="bicubic", antialias=True).clamp(0, 1)
+
+    def set_reference(self, reference) -> None:
+        """Encode the reference view."""
+        self.condition = self.model.encode_condition(self.reference_image(reference).to(self.model.device))
+        self.reference_camera = reference.camera
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        # The VAE halves the resolution between consecutive blocks (8 for Stable Diffusion's four).
+        return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.model.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.model.num_train_timesteps
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latents)
+
+    def poses(self, cameras: Cameras) -> torch.Tensor:
+        """Zero123 relative pose (B, 4) of each guidance view w.r.t. the reference view."""
+        stable = self.cfg.pose_variant == "stable"
+        return zero123_pose(cameras, self.reference_camera.to(cameras.device), stable=stable)
+
+    def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
+        return self.model.predict_noise(noisy, t, self.condition, self.poses(cameras), guidance_scale)
