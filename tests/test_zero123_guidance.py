@@ -252,3 +252,31 @@ def test_full_size_model_one_guidance_step():
     assert torch.isfinite(render["comp_rgb"].grad).all() and render["comp_rgb"].grad.abs().sum() > 0
     with torch.no_grad():
         assert g.decode_features(render["comp_rgb"]).shape == (1, 256, 256, 3)
+
+
+def test_sds_timestep_range_floors_as_threestudio(model_dir):
+    """threestudio: min_step = int(T * min_step_percent) at every step of the schedule."""
+    from lift3d.config import C
+
+    lo_s, hi_s = [0, 0.4, 0.2, 200], [0, 0.85, 0.5, 200]
+    g = Zero123SDS({"min_step_percent": lo_s, "max_step_percent": hi_s}, path="system.guidance")
+
+    class T1000:
+        num_train_timesteps = 1000
+
+    for step in range(0, 401):
+        assert g.method.step_range(T1000, step) == (int(1000 * C(lo_s, step)), int(1000 * C(hi_s, step))), step
+
+
+def test_channels_last_render_and_reference_give_the_same_latents(sds):
+    rgb = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    channels_last = rgb.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    torch.manual_seed(0)
+    a = sds.latents({"comp_rgb": rgb})
+    torch.manual_seed(0)
+    b = sds.latents({"comp_rgb": channels_last})
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    ref = reference(64)
+    view = ReferenceView(ref.rgba.permute(2, 0, 1).contiguous().permute(1, 2, 0), ref.camera)  # (H,W,4) view, strided
+    assert torch.equal(sds.prior.reference_image(ref), sds.prior.reference_image(view))
+    assert sds.prior.reference_image(view).is_contiguous()

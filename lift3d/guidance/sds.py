@@ -23,6 +23,8 @@ class SDS(DistillationMethod):
         min_step_percent: Any = schedulable(0.02)
         max_step_percent: Any = schedulable(0.98)
 
+    step_rounding = "floor"  # threestudio: int(T * p)
+
     def __call__(self, prior, z: torch.Tensor, cameras, render: dict, step: int) -> dict:
         t_min, t_max = self.step_range(prior, step)
         t = torch.randint(t_min, t_max + 1, (len(z),), device=z.device)

@@ -83,7 +83,7 @@ class Zero123Prior(ViewConditionedPrior):
 
     def reference_image(self, reference) -> torch.Tensor:
         """The reference view composited on white at the model's resolution, (1, 3, S, S) in [0, 1]."""
-        image = reference.rgb.permute(2, 0, 1)[None].float()
+        image = reference.rgb.permute(2, 0, 1)[None].float().contiguous()  # not a channels-last view (GroupNorm)
         return resize(image, self.image_size, mode="bicubic", antialias=True).clamp(0, 1)
 
     def set_reference(self, reference) -> None:
