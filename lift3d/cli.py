@@ -1,4 +1,4 @@
-"""The ``lift3d`` command line. ``launch.py`` is ``lift3d launch``.
+"""The ``lift3d`` command line (also ``python -m lift3d``). ``launch.py`` is ``lift3d launch``.
 
 Every user error ends as one line on stderr and a non-zero exit code; a traceback means a bug.
 """
@@ -14,11 +14,33 @@ from typing import Callable, Optional
 from lift3d.errors import UserError
 
 
-def _launch(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch.py", description="Run a lift3d reconstruction.",
-                                epilog="Extra arguments are config overrides: key=value "
-                                       "(image=PATH, gt=PATH, resume=CKPT, system.loss.lambda_rgb=100, ...)")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+LAUNCH_EPILOG = """\
+Extra arguments are config overrides, key=value (no dashes). Shorthands:
+  image=PATH                 the input image (data.image_path)
+  gt=PATH                    a ground-truth mesh (data.gt_mesh): metrics.json after export
+  resume=CKPT                continue from <trial>/ckpts/last.ckpt; with --test/--export, the model to use
+  exp_root_dir=DIR name=N tag=T use_timestamp=false
+                             the trial folder: DIR/N/T[@timestamp]/
+  any config key             e.g. trainer.max_steps=100 system.loss.lambda_rgb=100
+A file shipped in the package: image='${pkg:examples/car_rgba.png}'.
+
+packaged configs (--config NAME; 'lift3d configs' describes them):
+  %s
+"""
+
+
+def _config_names() -> str:
+    from lift3d.config import packaged_configs
+
+    return ", ".join(packaged_configs()) or "(none found)"
+
+
+def _launch(argv: list[str], prog: str = "lift3d launch") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Run a lift3d reconstruction.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=LAUNCH_EPILOG % _config_names())
+    p.add_argument("--config", required=True, metavar="CONFIG",
+                   help="a YAML file, or the name of a packaged config (e.g. zero123-sjc-cpu); a file that exists wins")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_const", dest="mode", const="train", help="train (default)")
     mode.add_argument("--test", action="store_const", dest="mode", const="test", help="render a turntable of resume=CKPT")
@@ -29,10 +51,27 @@ def _launch(argv: list[str]) -> int:
     if unknown:
         raise UserError(f"unknown option {unknown[0]}; overrides are written key=value without dashes")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from lift3d.config import resolve_config
+
+    config = resolve_config(args.config)       # a bad name fails here, before torch is imported
     from lift3d.runner import run_experiment
 
-    trial = run_experiment(args.config, overrides, args.mode or "train")
+    trial = run_experiment(config, overrides, args.mode or "train")
     print(f"trial folder: {trial}")
+    return 0
+
+
+def _configs(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lift3d configs",
+                                description="List the packaged configs (use one with 'lift3d launch --config NAME').")
+    p.add_argument("--path", action="store_true", help="print each config's file path instead of its description")
+    args = p.parse_args(argv)
+    from lift3d.config import config_summary, packaged_configs
+
+    configs = packaged_configs()
+    width = max((len(n) for n in configs), default=0)
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {path if args.path else config_summary(path)}")
     return 0
 
 
@@ -52,6 +91,7 @@ def _eval(argv: list[str]) -> int:
 # Each function takes the argument list and returns an exit code.
 COMMANDS: dict[str, object] = {
     "launch": _launch,
+    "configs": _configs,
     "eval": _eval,
     "bench": "lift3d.bench:main",
     "render-gso": "lift3d.data.gso:render_main",
@@ -88,21 +128,37 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
         return 130
 
 
+def version() -> str:
+    """The installed distribution's version, else the source tree's ``lift3d.__version__``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("lift3d")
+    except PackageNotFoundError:
+        import lift3d
+
+        return lift3d.__version__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"lift3d {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = ", ".join(sorted(COMMANDS))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command '{argv[0]}'; commands: {names}", file=sys.stderr)
             return 2
-        print(f"usage: lift3d COMMAND [options]\ncommands: {names}\n"
-              "run 'lift3d COMMAND --help' for a command's options")
+        print(f"usage: lift3d [--version] COMMAND [options]\ncommands: {names}\n"
+              "run 'lift3d COMMAND --help' for a command's options; 'lift3d configs' lists the packaged configs")
         return 0
     return run(_resolve(COMMANDS[argv[0]]), argv[1:])
 
 
 def launch_main() -> None:
-    sys.exit(run(_launch, sys.argv[1:]))
+    """``launch.py``: ``lift3d launch`` under its historical name."""
+    sys.exit(run(lambda argv: _launch(argv, prog="launch.py"), sys.argv[1:]))
 
 
 if __name__ == "__main__":

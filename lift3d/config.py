@@ -172,20 +172,82 @@ class ExperimentConfig:
 SHORTHANDS = {"image": "data.image_path", "gt": "data.gt_mesh"}
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")       # the packaged configs (repository-root configs/ links here)
+_CONFIG_EXTS = (".yaml", ".yml")
+
+
+def packaged_configs() -> dict[str, str]:
+    """Name -> path of every config shipped in ``lift3d/configs/`` (``zero123-sjc-cpu`` -> ``.../zero123-sjc-cpu.yaml``)."""
+    if not os.path.isdir(CONFIG_DIR):
+        return {}
+    return {os.path.splitext(f)[0]: os.path.join(CONFIG_DIR, f)
+            for f in sorted(os.listdir(CONFIG_DIR)) if f.endswith(_CONFIG_EXTS)}
+
+
+def config_summary(path: str) -> str:
+    """The first comment line of a config file, without its ``#`` (what ``lift3d configs`` prints)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip().startswith("#"):
+                return line.strip().lstrip("#").strip()
+    return ""
+
+
+def _packaged(name: str) -> Optional[str]:
+    """The packaged config called ``name`` (``zero123-sjc`` or ``zero123-sjc.yaml``), or None."""
+    if os.path.basename(name) != name:     # a name has no directory part
+        return None
+    return packaged_configs().get(os.path.splitext(name)[0] if name.endswith(_CONFIG_EXTS) else name)
+
+
+def resolve_config(name_or_path: str) -> str:
+    """A config argument -> a file: a path that exists wins, else a packaged config name.
+
+    Raises :class:`ConfigError` (one line, naming the packaged configs) when it is neither.
+    """
+    name_or_path = str(name_or_path)
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    found = _packaged(name_or_path)
+    if found is None:
+        raise ConfigError(f"config '{name_or_path}' not found: no such file and no packaged config of that name "
+                          f"(packaged configs: {', '.join(packaged_configs()) or 'none'})")
+    return found
+
+
+def package_file(rel: str) -> str:
+    """``${pkg:examples/mushroom_rgba.png}`` in a config: the absolute path of a file shipped in the lift3d package."""
+    path = os.path.join(PACKAGE_DIR, *str(rel).split("/"))
+    if not os.path.exists(path):
+        raise ValueError(f"${{pkg:{rel}}}: no file {rel} in the lift3d package ({PACKAGE_DIR})")
+    return path
+
+
+try:
+    OmegaConf.register_resolver("pkg", package_file, replace=True)        # omegaconf >= 2.4
+except TypeError:
+    OmegaConf.register_new_resolver("pkg", package_file, replace=True)    # omegaconf 2.1 - 2.3
+
+
 def _load_yaml(path: str, seen: tuple = ()) -> DictConfig:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    path = resolve_config(path)
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # yaml errors carry several lines
         raise ConfigError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a mapping of keys")
-    # `extends: other.yaml` (relative to this file) merges this file over another one.
+    # `extends: other.yaml` merges this file over another one: a file relative to this one, else a packaged config.
     base = cfg.pop("extends", None)
     if base is not None:
         base_path = os.path.join(os.path.dirname(path), str(base))
-        if os.path.abspath(base_path) in seen:
+        if not os.path.isfile(base_path):
+            base_path = _packaged(str(base))
+            if base_path is None:
+                raise ConfigError(f"config {path} extends '{base}': no such file next to it and no packaged config "
+                                  f"of that name (packaged configs: {', '.join(packaged_configs()) or 'none'})")
+        if os.path.abspath(base_path) in seen or os.path.abspath(base_path) == os.path.abspath(path):
             raise ConfigError(f"config {path} extends itself through {base}")
         cfg = OmegaConf.merge(_load_yaml(base_path, seen + (os.path.abspath(path),)), cfg)
     return cfg
@@ -206,7 +268,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def load_config(path: str, overrides: list[str] = ()) -> DictConfig:
-    """Load YAML, apply overrides, resolve interpolations and validate the whole tree."""
+    """Load YAML (a file, or a packaged config name: see :func:`resolve_config`), apply overrides,
+    resolve interpolations (``${pkg:examples/...}``: a file shipped in the package) and validate the whole tree."""
     cfg = OmegaConf.merge(_load_yaml(path), parse_overrides(list(overrides)))
     try:
         OmegaConf.resolve(cfg)

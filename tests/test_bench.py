@@ -74,6 +74,7 @@ def test_render_gso_views_depth_and_cameras(tmp_path):
     z = depth[i, j]
     cam = np.stack([(j + 0.5 - K[0, 2]) / K[0, 0] * z, -(i + 0.5 - K[1, 2]) / K[1, 1] * z, -z], 1)
     world = cam @ c2w[:3, :3].T + c2w[:3, 3]
+    pytest.importorskip("rtree")      # trimesh.proximity's triangle tree (the [test] extra)
     _, dist, _ = trimesh.proximity.closest_point(load_object(os.path.join(DATASET, "mug")), world)
     assert np.percentile(dist, 95) < 2e-3
 

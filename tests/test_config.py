@@ -94,3 +94,52 @@ def test_plugin_modules_do_not_import_diffusion_libraries():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_packaged_configs_resolve_by_name_and_a_path_wins(tmp_path, monkeypatch):
+    import os
+
+    from lift3d.config import CONFIG_DIR, resolve_config
+
+    monkeypatch.chdir(tmp_path)            # outside the repository: no configs/ here
+    expected = os.path.join(CONFIG_DIR, "zero123-sjc-cpu.yaml")
+    assert resolve_config("zero123-sjc-cpu") == resolve_config("zero123-sjc-cpu.yaml") == expected
+    assert resolve_config("zero123-sjc") == os.path.join(CONFIG_DIR, "zero123-sjc.yaml")
+    (tmp_path / "oracle.yaml").write_text("name: mine\n")
+    assert resolve_config("oracle.yaml") == "oracle.yaml"          # an existing file wins over the name
+    assert resolve_config("oracle") == os.path.join(CONFIG_DIR, "oracle.yaml")
+    with pytest.raises(ConfigError, match="not found.*zero123-sjc-cpu") as e:
+        resolve_config("no-such-config")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config("some/dir/zero123-sjc.yaml")                 # a path with a directory is not a name
+
+
+def test_packaged_config_loads_outside_the_repository_with_packaged_examples(tmp_path, monkeypatch):
+    import os
+
+    from lift3d.config import PACKAGE_DIR
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cascade-zero123")                            # extends zero123-sjc-cpu -> zero123-sjc
+    assert cfg.name == "cascade-zero123" and cfg.system.guidance_type == "cascade-zero123"
+    assert cfg.data.image_path == os.path.join(PACKAGE_DIR, "examples", "mushroom_rgba.png")
+    assert os.path.isfile(cfg.data.image_path) and os.path.isfile(cfg.data.gt_mesh)
+    cfg = load_config("oracle", ["image=${pkg:examples/car_rgba.png}"])
+    assert cfg.data.image_path == os.path.join(PACKAGE_DIR, "examples", "car_rgba.png")
+    with pytest.raises(ConfigError, match="no file examples/nope.png"):
+        load_config("oracle", ["image=${pkg:examples/nope.png}"])
+
+
+def test_extends_a_packaged_config_by_name(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: zero123-sjc-cpu\nname: mine\ntrainer: {max_steps: 3}\n")
+    cfg = load_config(str(mine))
+    assert cfg.name == "mine" and cfg.trainer.max_steps == 3 and cfg.trainer.device == "cpu"
+    (tmp_path / "zero123-sjc-cpu.yaml").write_text("name: local-base\n")
+    mine.write_text("extends: zero123-sjc-cpu.yaml\nname: mine\ntrainer: {max_steps: 3}\n")
+    cfg = load_config(str(mine))                                    # a file next to it wins over the packaged one
+    assert cfg.name == "mine" and "data" not in cfg and "device" not in cfg.trainer
+    mine.write_text("extends: no-such-base\n")
+    with pytest.raises(ConfigError, match="extends 'no-such-base'"):
+        load_config(str(mine))
