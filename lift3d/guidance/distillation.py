@@ -49,22 +49,24 @@ class ScoreDistillation(BaseGuidance):
         prior_type: str = "zero123"
         prior: dict = field(default_factory=dict)
         render_space: str = "auto"             # auto | rgb | latent (see module docstring)
+        encode_chunk: int = 1                  # images per VAE-encoder pass (see latents())
 
     def __init__(self, cfg: Any = None, path: str = "system.guidance"):
         super().__init__(cfg, path)
         c = self.cfg
-        self.build(c.method_type, c.method, f"{path}.method", c.prior_type, c.prior, f"{path}.prior", c.render_space, path)
+        self.build(c.method_type, c.method, f"{path}.method", c.prior_type, c.prior, f"{path}.prior", path)
 
     def build(self, method_type: str, method_cfg, method_path: str, prior_type: str, prior_cfg, prior_path: str,
-              render_space: str, path: str) -> None:
-        check_choice(path, "render_space", render_space, RENDER_SPACES)
+              path: str) -> None:
+        check_choice(path, "render_space", self.cfg.render_space, RENDER_SPACES)
+        if self.cfg.encode_chunk < 1:
+            raise UserError(f"{path}.encode_chunk must be at least 1, got {self.cfg.encode_chunk}")
         self.method = find(method_type, "method")(method_cfg, path=method_path)
         self.prior = find(prior_type, "prior")(prior_cfg, path=prior_path)
-        self._render_space = render_space
 
     @property
     def render_space(self) -> str:
-        return self._render_space
+        return self.cfg.render_space
 
     @property
     def latent_factor(self) -> int:
@@ -104,7 +106,23 @@ class ScoreDistillation(BaseGuidance):
         if space == "latent":
             return resize(x, self.prior.latent_size).to(self.prior.dtype)
         # resize() returns a contiguous batch: a channels-last view shifts CPU GroupNorm by ~1e-3.
-        return self.prior.encode(resize(x, self.prior.image_size).contiguous())
+        return self.encode(resize(x, self.prior.image_size).contiguous())
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The prior's encoder, ``encode_chunk`` images at a time. With gradients, each chunk's graph is
+        recomputed in the backward pass, so the encoder's activations are held for one chunk only
+        (the same latents and gradients: the batch's latent noise is drawn once, as in one pass)."""
+        n = self.cfg.encode_chunk
+        if len(images) <= n:
+            return self.prior.encode(images)
+        s = self.prior.latent_size
+        noise = torch.randn(len(images), self.prior.latent_channels, s, s, device=images.device, dtype=self.prior.dtype)
+        chunks = [(images[i:i + n], noise[i:i + n]) for i in range(0, len(images), n)]
+        if not torch.is_grad_enabled() or not images.requires_grad:
+            return torch.cat([self.prior.encode(x, e) for x, e in chunks])
+        from torch.utils.checkpoint import checkpoint
+
+        return torch.cat([checkpoint(self.prior.encode, x, e, use_reentrant=False) for x, e in chunks])
 
     def decode_features(self, features: torch.Tensor) -> torch.Tensor:
         """Latent renders (B, H, W, C) -> RGB (B, fH, fW, 3), about [0, 1], differentiable."""

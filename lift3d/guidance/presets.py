@@ -57,21 +57,22 @@ class FlatPreset(ScoreDistillation):
         pick = lambda schema: {f.name: getattr(flat, f.name) for f in dataclasses.fields(schema)  # noqa: E731
                                if hasattr(flat, f.name)}
         self.build(method_type, pick(method_class.Config), path, self.prior_class.registered_name,
-                   pick(self.prior_class.Config), path, flat.render_space, path)
+                   pick(self.prior_class.Config), path, path)
 
 
 RENDER_SPACE = ("render_space", str, "auto")
+ENCODE_CHUNK = ("encode_chunk", int, 1)
 
 
 @register("zero123-sds", "guidance")
 class Zero123SDS(FlatPreset):
-    Config = flat_config("Zero123SDSConfig", SDS.Config, Zero123Prior.Config, extra=(RENDER_SPACE,))
+    Config = flat_config("Zero123SDSConfig", SDS.Config, Zero123Prior.Config, extra=(RENDER_SPACE, ENCODE_CHUNK))
     method_classes, default_method = {"sds": SDS}, "sds"
 
 
 @register("zero123-sjc", "guidance")
 class Zero123SJC(FlatPreset):
-    Config = flat_config("Zero123SJCConfig", SJC.Config, Zero123Prior.Config, extra=(RENDER_SPACE,))
+    Config = flat_config("Zero123SJCConfig", SJC.Config, Zero123Prior.Config, extra=(RENDER_SPACE, ENCODE_CHUNK))
     method_classes, default_method = {"sjc": SJC}, "sjc"
 
 
@@ -79,7 +80,7 @@ class Zero123SJC(FlatPreset):
 class CascadeZero123(FlatPreset):
     # The SJC defaults (3drec's) for both methods; `method: sds` keeps them unless overridden.
     Config = flat_config("CascadeZero123Config", SJC.Config, CascadeZero123Prior.Config,
-                         extra=(RENDER_SPACE, ("method", str, "sjc")))
+                         extra=(RENDER_SPACE, ENCODE_CHUNK, ("method", str, "sjc")))
     prior_class = CascadeZero123Prior
     method_classes, default_method = {"sjc": SJC, "sds": SDS}, "sjc"
 

@@ -7,7 +7,8 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
 - ``image_size``, ``latent_factor``, ``latent_channels``: the native resolution and the latent grid
   (``image_size // latent_factor`` pixels a side);
 - ``alphas_cumprod`` (T,) and ``num_train_timesteps``: its DDPM noise schedule;
-- ``encode(images)`` (B,3,S,S) in [0, 1] -> scaled latents, differentiable; ``decode(latents)`` back;
+- ``encode(images, noise=None)`` (B,3,S,S) in [0, 1] -> scaled latents, differentiable; a VAE prior
+  samples its posterior with ``noise`` (B, C, h, w) when given, else draws it; ``decode(latents)`` back;
 - ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
   noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
   also look at the render);
@@ -16,6 +17,8 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -58,7 +61,7 @@ class ViewConditionedPrior(Plugin):
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -114,8 +114,14 @@ class Zero123Prior(ViewConditionedPrior):
     def num_train_timesteps(self) -> int:
         return self.model.num_train_timesteps
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(images)
+    def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Contiguous latents: the CPU VAE may return channels-last ones, and noise drawn "like" them would
+        # then depend on the memory layout.
+        if noise is None:
+            return self.model.encode(images).contiguous()
+        # The posterior sample mean + std·noise, as latent_dist.sample() draws it, with the caller's noise.
+        dist = self.model.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
+        return ((dist.mean + dist.std * noise.to(dist.mean)) * self.model.latent_scale).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode(latents)

@@ -77,6 +77,10 @@ class VolumeRenderer(PluginModule):
         normal_eps: float = 0.01             # finite-difference step for normals (world units)
         normal_weight_threshold: float = 1e-4  # normals only where a sample's weight exceeds this
         eval_chunk_rays: int = 8192          # rays per chunk when rendering without gradients / in eval
+        # Training renders of more than this many samples (rays x num_samples_per_ray) go in chunks whose
+        # graph is recomputed in the backward pass (activation checkpointing): the peak memory of a step
+        # stays that of one chunk whatever the resolution, at the cost of a second field forward. 0: never.
+        train_chunk_samples: int = 2 ** 21
         use_occupancy_grid: bool = True
         occ_resolution: int = 64
         occ_update_every: int = 16           # steps between grid refreshes
@@ -143,13 +147,11 @@ class VolumeRenderer(PluginModule):
         perturb = self.training if perturb is None else perturb
 
         o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-        training = self.training and torch.is_grad_enabled()
-        # With gradients the whole graph is kept anyway; without, chunks bound the peak memory.
-        chunk = len(o) if training else max(self.cfg.eval_chunk_rays, 1)
-        parts = [self.render_rays(o[i:i + chunk], d[i:i + chunk], perturb, normals) for i in range(0, len(o), chunk)]
+        parts = [render(o[i:i + chunk], d[i:i + chunk], perturb, normals)
+                 for render, chunk in [self._chunking(len(o))] for i in range(0, len(o), chunk)]
         self.stats = {"evaluated_fraction": sum(p.pop("n_evaluated") for p in parts) /
                       max(len(o) * self.cfg.num_samples_per_ray, 1)}
-        ray = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if training or k != "weights"}
+        ray = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
         def image(x):
             return x.view(B, H, W, -1)
@@ -164,13 +166,25 @@ class VolumeRenderer(PluginModule):
         }
         if normals:
             out["comp_normal"] = (image(ray["normal"]) + 1.0) / 2.0
-        if training:
-            out["weights"] = image(ray["weights"])   # (B, H, W, S), for sample-level losses
         return out
+
+    def _chunking(self, n_rays: int):
+        """(how to render a chunk of rays, rays per chunk) for this render."""
+        if not torch.is_grad_enabled():
+            return self.render_rays, max(self.cfg.eval_chunk_rays, 1)
+        budget = self.cfg.train_chunk_samples
+        if not budget or n_rays * self.cfg.num_samples_per_ray <= budget:
+            return self.render_rays, max(n_rays, 1)
+        from torch.utils.checkpoint import checkpoint
+
+        def recomputed(*args):  # the same samples again in backward: checkpoint restores the RNG state
+            return checkpoint(self.render_rays, *args, use_reentrant=False)
+
+        return recomputed, max(budget // self.cfg.num_samples_per_ray, 1)
 
     def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, perturb: bool, normals: bool = False) -> dict:
         """Composite rays (N, 3) -> features (N, C), opacity (N, 1), depth (N, 1) without background
-        terms, weights (N, S), normal (N, 3) when asked, and n_evaluated (number of field queries)."""
+        terms, normal (N, 3) when asked, and n_evaluated (number of field queries)."""
         geometry, S = self.geometry, self.cfg.num_samples_per_ray
         n, C = len(origins), geometry.n_feature_dims
         t_near, t_far, hit = ray_aabb(origins, dirs, self.radius, self.cfg.near_plane)
@@ -194,7 +208,6 @@ class VolumeRenderer(PluginModule):
             "features": points.new_zeros(n, C).index_add(0, ray, w[:, None] * field["features"].to(points.dtype)),
             "opacity": weights.sum(1, keepdim=True),
             "depth": (weights * t).sum(1, keepdim=True),
-            "weights": weights,
             "n_evaluated": len(index),
         }
         if normals:
