@@ -2,7 +2,7 @@
 formats (kxic folder, bennyguo/ashawkey folder, original .ckpt) loading to the same model.
 
 The reverse conversion used to write fake original checkpoints is built here independently of
-lift3d.zero123.convert: by walking the diffusers modules (not the config), with its own rename
+lift3d.zero123.ldm_to_diffusers: by walking the diffusers modules (not the config), with its own rename
 tables, and it is pinned to ldm key names and shapes of the real Zero123/SD-1.x checkpoint.
 """
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lift3d.errors import UserError
-from lift3d.zero123 import Zero123Model, convert_ckpt, ldm_checkpoint
+from lift3d.zero123 import Zero123Model, ldm_checkpoint
+from lift3d.zero123.convert_ckpt import convert_ckpt
 from lift3d.zero123.random_model import random_zero123
 
 # ----------------------------------------------------------------------------- reverse mapping
@@ -240,7 +241,7 @@ def test_full_size_key_conversion_matches_zero123_layout():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
     from lift3d.zero123.random_model import CLIP, UNET, VAE
 
     with torch.device("meta"):
@@ -284,7 +285,7 @@ def test_full_size_key_conversion_matches_zero123_layout():
 
 
 def test_tiny_round_trip_exact(tiny):
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
 
     cases = ((convert.ldm_unet_to_diffusers, unet_to_ldm, tiny.unet, dict(tiny.unet.config)),
              (convert.ldm_vae_to_diffusers, vae_to_ldm, tiny.vae, dict(tiny.vae.config)))
@@ -296,7 +297,7 @@ def test_tiny_round_trip_exact(tiny):
 
 
 def test_clip_conversion_matches_openai_forward(tiny):
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
 
     openai = clip_to_openai(tiny.image_encoder)
     hf, unclaimed = convert.openai_clip_visual_to_hf(openai)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lift3d.errors import UserError
-from lift3d.zero123.nvs import nvs, relative_pose, sample
+from lift3d.zero123.nvs import nvs
+from lift3d.zero123.sampling import relative_pose, sample
 from lift3d.zero123.random_model import random_zero123
 
 
