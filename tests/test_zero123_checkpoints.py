@@ -407,3 +407,63 @@ def test_bad_checkpoints(tiny, tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(UserError):
         Zero123Model.from_pretrained(garbage)
+
+
+# ----------------------------------------------------------------------------- ldm config (head count)
+
+
+def _with_heads(heads, seed=4):
+    """The tiny random model with another UNet head count (same shapes: only the YAML can tell)."""
+    from diffusers import UNet2DConditionModel
+
+    from lift3d.zero123.random_model import UNET
+
+    model = random_zero123("tiny", seed=seed)
+    torch.manual_seed(seed)
+    model.unet = UNet2DConditionModel(**{**UNET["tiny"], "attention_head_dim": heads}).eval().requires_grad_(False)
+    return model
+
+
+def _ldm_yaml(path, **unet_params):
+    lines = ["model:", "  target: ldm.models.diffusion.ddpm.LatentDiffusion", "  params:", "    unet_config:",
+             "      params:"] + [f"        {k}: {v}" for k, v in unet_params.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_unet_heads_come_from_the_ldm_yaml(tmp_path, caplog):
+    model = _with_heads(2)
+    expected = prediction(model)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    ckpt = str(folder / "last.ckpt")
+    write_ldm_ckpt(model, ckpt)
+    # No YAML: Zero123's 8 heads are assumed, and said so.
+    with caplog.at_level("WARNING"):
+        assumed = Zero123Model.from_pretrained(ckpt)
+    assert assumed.unet.config.attention_head_dim == 8 and "assuming Zero123's 8" in caplog.text
+    assert not torch.allclose(prediction(assumed), expected, atol=1e-4)
+    # <stem>.yaml next to the checkpoint.
+    _ldm_yaml(str(folder / "last.yaml"), num_heads=2, model_channels=32)
+    found = Zero123Model.from_pretrained(ckpt)
+    assert found.unet.config.attention_head_dim == 2
+    assert torch.allclose(prediction(found), expected, atol=1e-5)
+
+
+def test_convert_ckpt_config_option_with_num_head_channels(tmp_path, capsys):
+    from lift3d.zero123.convert_ckpt import main
+
+    model = _with_heads([2, 2, 4])  # widths (32, 32, 64) at 16 channels per head
+    ckpt, config = str(tmp_path / "z.ckpt"), str(tmp_path / "elsewhere.yml")
+    write_ldm_ckpt(model, ckpt)
+    _ldm_yaml(config, num_heads=-1, num_head_channels=16)
+    assert main([ckpt, str(tmp_path / "out"), "--config", config]) == 0
+    assert f"from {config}" in capsys.readouterr().out
+    loaded = Zero123Model.from_pretrained(str(tmp_path / "out"))
+    assert list(loaded.unet.config.attention_head_dim) == [2, 2, 4]
+    assert torch.allclose(prediction(loaded), prediction(model), atol=1e-5)
+    with pytest.raises(UserError, match="ldm config not found"):
+        main([ckpt, str(tmp_path / "out2"), "--config", str(tmp_path / "missing.yaml")])
+    _ldm_yaml(config, num_head_channels=24)
+    with pytest.raises(UserError, match="does not divide"):
+        main([ckpt, str(tmp_path / "out3"), "--config", config])
