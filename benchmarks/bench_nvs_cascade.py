@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lift3d.training.data import MultiViewSet  # noqa: E402
-from lift3d.training.nvs_eval import hull_consistency, psnr, silhouettes, ssim  # noqa: E402
+from lift3d.evaluation.image_metrics import psnr, ssim  # noqa: E402
+from lift3d.training.nvs_eval import hull_consistency, silhouettes  # noqa: E402
 
 OFFSETS = [45.0 * k for k in range(1, 8)]
 
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     from lift3d.cameras import zero123_pose_vectors
     from lift3d.zero123.cascade import (CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts,
                                        nearby_views)
-    from lift3d.zero123.nvs import sample
+    from lift3d.zero123.sampling import sample
 
     base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
     refiner = Zero123Model.from_pretrained(args.refiner, torch_dtype=torch.float32)

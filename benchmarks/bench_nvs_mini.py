@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lift3d.training.data import MultiViewSet  # noqa: E402
-from lift3d.training.nvs_eval import bench_tensors, psnr, ssim  # noqa: E402
+from lift3d.evaluation.image_metrics import psnr, ssim  # noqa: E402
+from lift3d.training.nvs_eval import bench_tensors  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lift3d.zero123.nvs import sample
+    from lift3d.zero123.sampling import sample
     from lift3d.zero123 import Zero123Model
 
     model = Zero123Model.from_pretrained(args.model, torch_dtype=torch.float32)

@@ -96,7 +96,7 @@ COMMANDS: dict[str, object] = {
     "bench": "lift3d.bench:main",
     "render-gso": "lift3d.data.gso:render_main",
     "nvs": "lift3d.zero123.nvs:main",
-    "convert-ckpt": "lift3d.zero123.loading:convert_ckpt_main",
+    "convert-ckpt": "lift3d.zero123.convert_ckpt:main",
     "train-zero123": "lift3d.training.train_zero123:main",
     "train-cascade": "lift3d.training.train_cascade:train_cascade",
 }

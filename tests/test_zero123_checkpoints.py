@@ -2,7 +2,7 @@
 formats (kxic folder, bennyguo/ashawkey folder, original .ckpt) loading to the same model.
 
 The reverse conversion used to write fake original checkpoints is built here independently of
-lift3d.zero123.convert: by walking the diffusers modules (not the config), with its own rename
+lift3d.zero123.ldm_to_diffusers: by walking the diffusers modules (not the config), with its own rename
 tables, and it is pinned to ldm key names and shapes of the real Zero123/SD-1.x checkpoint.
 """
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lift3d.errors import UserError
-from lift3d.zero123 import Zero123Model, convert_ckpt, ldm_checkpoint
+from lift3d.zero123 import Zero123Model, ldm_checkpoint
+from lift3d.zero123.convert_ckpt import convert_ckpt
 from lift3d.zero123.random_model import random_zero123
 
 # ----------------------------------------------------------------------------- reverse mapping
@@ -240,7 +241,7 @@ def test_full_size_key_conversion_matches_zero123_layout():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
     from lift3d.zero123.random_model import CLIP, UNET, VAE
 
     with torch.device("meta"):
@@ -284,7 +285,7 @@ def test_full_size_key_conversion_matches_zero123_layout():
 
 
 def test_tiny_round_trip_exact(tiny):
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
 
     cases = ((convert.ldm_unet_to_diffusers, unet_to_ldm, tiny.unet, dict(tiny.unet.config)),
              (convert.ldm_vae_to_diffusers, vae_to_ldm, tiny.vae, dict(tiny.vae.config)))
@@ -296,7 +297,7 @@ def test_tiny_round_trip_exact(tiny):
 
 
 def test_clip_conversion_matches_openai_forward(tiny):
-    from lift3d.zero123 import convert
+    from lift3d.zero123 import ldm_to_diffusers as convert
 
     openai = clip_to_openai(tiny.image_encoder)
     hf, unclaimed = convert.openai_clip_visual_to_hf(openai)
@@ -406,3 +407,63 @@ def test_bad_checkpoints(tiny, tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(UserError):
         Zero123Model.from_pretrained(garbage)
+
+
+# ----------------------------------------------------------------------------- ldm config (head count)
+
+
+def _with_heads(heads, seed=4):
+    """The tiny random model with another UNet head count (same shapes: only the YAML can tell)."""
+    from diffusers import UNet2DConditionModel
+
+    from lift3d.zero123.random_model import UNET
+
+    model = random_zero123("tiny", seed=seed)
+    torch.manual_seed(seed)
+    model.unet = UNet2DConditionModel(**{**UNET["tiny"], "attention_head_dim": heads}).eval().requires_grad_(False)
+    return model
+
+
+def _ldm_yaml(path, **unet_params):
+    lines = ["model:", "  target: ldm.models.diffusion.ddpm.LatentDiffusion", "  params:", "    unet_config:",
+             "      params:"] + [f"        {k}: {v}" for k, v in unet_params.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_unet_heads_come_from_the_ldm_yaml(tmp_path, caplog):
+    model = _with_heads(2)
+    expected = prediction(model)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    ckpt = str(folder / "last.ckpt")
+    write_ldm_ckpt(model, ckpt)
+    # No YAML: Zero123's 8 heads are assumed, and said so.
+    with caplog.at_level("WARNING"):
+        assumed = Zero123Model.from_pretrained(ckpt)
+    assert assumed.unet.config.attention_head_dim == 8 and "assuming Zero123's 8" in caplog.text
+    assert not torch.allclose(prediction(assumed), expected, atol=1e-4)
+    # <stem>.yaml next to the checkpoint.
+    _ldm_yaml(str(folder / "last.yaml"), num_heads=2, model_channels=32)
+    found = Zero123Model.from_pretrained(ckpt)
+    assert found.unet.config.attention_head_dim == 2
+    assert torch.allclose(prediction(found), expected, atol=1e-5)
+
+
+def test_convert_ckpt_config_option_with_num_head_channels(tmp_path, capsys):
+    from lift3d.zero123.convert_ckpt import main
+
+    model = _with_heads([2, 2, 4])  # widths (32, 32, 64) at 16 channels per head
+    ckpt, config = str(tmp_path / "z.ckpt"), str(tmp_path / "elsewhere.yml")
+    write_ldm_ckpt(model, ckpt)
+    _ldm_yaml(config, num_heads=-1, num_head_channels=16)
+    assert main([ckpt, str(tmp_path / "out"), "--config", config]) == 0
+    assert f"from {config}" in capsys.readouterr().out
+    loaded = Zero123Model.from_pretrained(str(tmp_path / "out"))
+    assert list(loaded.unet.config.attention_head_dim) == [2, 2, 4]
+    assert torch.allclose(prediction(loaded), prediction(model), atol=1e-5)
+    with pytest.raises(UserError, match="ldm config not found"):
+        main([ckpt, str(tmp_path / "out2"), "--config", str(tmp_path / "missing.yaml")])
+    _ldm_yaml(config, num_head_channels=24)
+    with pytest.raises(UserError, match="does not divide"):
+        main([ckpt, str(tmp_path / "out3"), "--config", config])

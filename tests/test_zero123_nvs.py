@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lift3d.errors import UserError
-from lift3d.zero123.nvs import nvs, relative_pose, sample
+from lift3d.zero123.nvs import nvs
+from lift3d.zero123.sampling import relative_pose, sample
 from lift3d.zero123.random_model import random_zero123
 
 
@@ -65,3 +66,13 @@ def test_nvs_errors(tiny, image, tmp_path):
         nvs(tiny, str(tmp_path / "missing.png"), 0, 30, out_dir=str(tmp_path / "o"))
     with pytest.raises(UserError, match="not found"):
         nvs(str(tmp_path / "no-model"), image, 0, 30, out_dir=str(tmp_path / "o"))
+
+
+def test_condition_of_a_channels_last_view_equals_the_contiguous_one(tiny):
+    img = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    view = img.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not view.is_contiguous() and torch.equal(view, img)
+    a, b = tiny.encode_condition(img), tiny.encode_condition(view)
+    torch.testing.assert_close(b.embedding, a.embedding, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.latent, a.latent, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiny.encode(view, sample=False), tiny.encode(img, sample=False), atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lift3d.training.data import MultiViewSet, generate_dataset, read_object
-from lift3d.training.nvs_eval import gaussian_window, psnr, ssim
+from lift3d.evaluation.image_metrics import gaussian_window, psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,27 @@ def test_psnr_and_ssim_hand_checked():
         (mu_u ** 2 + mu_v ** 2 + c1) * (f(u * u) - mu_u ** 2 + f(v * v) - mu_v ** 2 + 0.03 ** 2))
     assert ssim(x[0:1, 0:1], x[1:2, 0:1]).item() == pytest.approx(s.mean(), abs=1e-6)
     assert gaussian_window().sum().item() == pytest.approx(1.0)
+
+
+def test_ema_is_the_warm_up_average_and_resumes():
+    """diffusers' EMAModel as the loop uses it: update n copies the weights at n = 1, then averages with
+    decay min(decay, n / (9 + n)); restoring the shadow and update count continues identically."""
+    from lift3d.training.loop import EMA
+
+    values = torch.randn(30, generator=torch.Generator().manual_seed(0)).tolist()
+    p = torch.nn.Parameter(torch.zeros(()))
+    ema = EMA({"p": p}, decay=0.8)
+    expected = 0.0
+    for n, value in enumerate(values, start=1):
+        with torch.no_grad():
+            p.fill_(value)
+        ema.update()
+        d = 0.0 if n == 1 else min(0.8, n / (9 + n))
+        expected = d * expected + (1 - d) * value
+        assert ema.shadow["p"].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        if n == 15:  # resume from a saved state
+            saved = {k: v.clone() for k, v in ema.shadow.items()}
+            ema = EMA({"p": p}, decay=0.8)
+            ema.load(saved, n)
+    ema.swap()
+    assert p.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -24,10 +24,3 @@ class ReferenceView:
     def rgb(self) -> torch.Tensor:
         """(H, W, 3) colour composited on white, as diffusion models see it."""
         return self.rgba[..., :3] * self.mask + (1 - self.mask)
-
-    def resized(self, height: int, width: int) -> "ReferenceView":
-        if (height, width) == tuple(self.rgba.shape[:2]):
-            return self
-        x = torch.nn.functional.interpolate(self.rgba.permute(2, 0, 1)[None], size=(height, width),
-                                            mode="bilinear", align_corners=False, antialias=True)
-        return ReferenceView(x[0].permute(1, 2, 0).clamp(0, 1), self.camera.with_size(height, width), self.path)

@@ -18,7 +18,7 @@ plain material colour, or grey. Shading:
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -217,10 +217,3 @@ def _downsample(out: dict, k: int) -> dict:
     normal /= np.maximum(np.linalg.norm(normal, axis=-1, keepdims=True), 1e-12)
     return {"rgb": rgb, "alpha": alpha, "depth": (blocks(out["depth"]) * hit).sum(3) / count,
             "normal": normal, "position": (blocks(out["position"]) * hit).sum(3) / count}
-
-
-def render_mesh(mesh, cameras: Cameras, shading: str = "lambert", samples_per_pixel: int = 1,
-                light_dir: Optional[Sequence[float]] = None) -> dict:
-    """One-shot helper: ``MeshRaycaster(mesh).render(cameras, ...)``."""
-    caster = MeshRaycaster(mesh, light_dir=light_dir or DEFAULT_LIGHT_DIR)
-    return caster.render(cameras, shading=shading, samples_per_pixel=samples_per_pixel)

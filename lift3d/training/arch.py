@@ -37,8 +37,7 @@ def build_model(size: str = "mini", seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from lift3d.zero123.loading import SCHEDULER
-    from lift3d.zero123.model import Zero123Model
+    from lift3d.zero123.model import SCHEDULER, Zero123Model
 
     cfg = SIZES[size]
     torch.manual_seed(seed)
@@ -69,7 +68,3 @@ def identity_projection_(projection: torch.nn.Linear) -> None:
     projection.weight.zero_()
     projection.weight[:, :d] = torch.eye(d)
     projection.bias.zero_()
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -28,13 +28,15 @@ import argparse
 import copy
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from lift3d.errors import UserError
-from lift3d.training.train_zero123 import (EMA, _replace_model_folder, _write_loss_csv, encode_dataset, lr_lambda,
-                                           named_params, optimizer_step)
+from lift3d.training.loop import TrainLoop, named_params, replace_model_folder
+from lift3d.training.train_zero123 import encode_dataset
 from lift3d.utils.io import save_torch
 
 P_DROP = 0.05
@@ -89,7 +91,7 @@ def cached_base_views(base, data, args, name: str, targets_of, log, salt: int = 
     views (k*S, 3) to targets (k*S, P, 3). Cached in OUT/{name}.pt and resumed from it, chunk by chunk."""
     from lift3d.cameras import position_to_spherical, zero123_pose_vectors
     from lift3d.zero123.cascade import weights_fingerprint
-    from lift3d.zero123.nvs import sample
+    from lift3d.zero123.sampling import sample
 
     n, s = len(data), args.sources
     first = targets_of(torch.arange(1), position_to_spherical(data.positions[:1, :s].reshape(-1, 3)))
@@ -153,14 +155,89 @@ def encode_images(model, images_01: torch.Tensor) -> torch.Tensor:
     return model.image_encoder(pixel_values=model.clip_preprocess(images_01 * 2 - 1)).image_embeds
 
 
+@dataclass
+class FrozenInputs:
+    """What the refiner's batches are drawn from, computed once: the dataset's source latents
+    (posterior mean/std (N, V, 4, h, w)), views (N, V, 3), self-prompts and coarse views (uint8) and
+    the base's CLIP embeddings of sources (N, S, D), prompts (N, S, P, D) and coarse views (N, S, V, D;
+    None when the image encoder trains or the coarse token is estimated online)."""
+
+    images: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    views: torch.Tensor
+    prompts: torch.Tensor
+    coarse_views: Optional[torch.Tensor]
+    src_emb: torch.Tensor
+    prompt_emb: torch.Tensor
+    coarse_emb: Optional[torch.Tensor]
+
+
+@torch.no_grad()
+def frozen_inputs(base, data, prompts, coarse_views, args) -> FrozenInputs:
+    from lift3d.cameras import position_to_spherical
+    from lift3d.zero123.cascade import embed
+
+    def embed_all(images: torch.Tensor, lead: tuple) -> torch.Tensor:
+        flat = images.reshape(-1, *images.shape[-3:]).float() / 255
+        return torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*lead, -1)
+
+    mean, std = encode_dataset(base, data.images)
+    sources = data.images[:, :args.sources]
+    coarse_emb = None
+    if coarse_views is not None and not args.train_image_encoder:  # else embedded at every step
+        coarse_emb = embed_all(coarse_views, coarse_views.shape[:3])
+    return FrozenInputs(data.images, mean, std, position_to_spherical(data.positions), prompts, coarse_views,
+                        embed_all(sources, sources.shape[:2]), embed_all(prompts, prompts.shape[:3]), coarse_emb)
+
+
+def refiner_loss(refiner, base, x: FrozenInputs, args, g: torch.Generator) -> torch.Tensor:
+    """ε-prediction MSE of the refiner on one batch (see the module docstring, step 2)."""
+    from lift3d.cameras import zero123_pose_vectors
+    from lift3d.zero123.cascade import drop_embeddings, nearby_views, token_inputs
+
+    b, (n, v_count), s = args.batch_size, x.images.shape[:2], args.sources
+    obj = torch.randint(0, n, (b,), generator=g)
+    src = torch.randint(0, s, (b,), generator=g)
+    tgt = (src + torch.randint(1, v_count, (b,), generator=g)) % v_count
+    src_view, tgt_view = x.views[obj, src], x.views[obj, tgt]
+    prompt_views = torch.stack([nearby_views(v, args.offsets) for v in src_view])
+    z0 = (x.mean[obj, tgt] + x.std[obj, tgt] * torch.randn(x.mean[obj, tgt].shape, generator=g)) * refiner.latent_scale
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(0, refiner.num_train_timesteps, (b,), generator=g)
+    noisy = refiner.scheduler.add_noise(z0, noise, t)
+    latent = x.mean[obj, src]
+    input_emb, prompt_e = x.src_emb[obj, src], x.prompt_emb[obj, src]
+    coarse = torch.zeros_like(input_emb)
+    use = torch.rand(b, generator=g) < args.coarse_prob
+    coarse_images = None if x.coarse_views is None else x.coarse_views[obj[use], src[use], tgt[use]]
+    if args.train_image_encoder:  # every condition image through the refiner's encoder, with gradients
+        n_prompts = x.prompts.shape[2]
+        parts = [x.images[obj, src], x.prompts[obj, src].flatten(0, 1)] + [c for c in [coarse_images] if c is not None]
+        e = encode_images(refiner, torch.cat(parts).float() / 255)
+        input_emb, prompt_e = e[:b], e[b:b * (1 + n_prompts)].reshape(b, n_prompts, -1)
+        if coarse_images is not None:
+            coarse = coarse.index_put((use,), e[b * (1 + n_prompts):])
+    elif coarse_images is not None:
+        coarse[use] = x.coarse_emb[obj[use], src[use], tgt[use]]
+    if x.coarse_views is None and use.any():
+        with torch.no_grad():
+            coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], x.src_emb[obj[use], src[use]],
+                                           zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
+    embeddings, poses = token_inputs(input_emb, coarse, prompt_e, src_view, prompt_views, tgt_view)
+    r = torch.rand(b, generator=g)
+    embeddings = drop_embeddings(embeddings, (r < 2 * P_DROP))
+    latent = latent * ~((r >= P_DROP) & (r < 3 * P_DROP))[:, None, None, None]
+    pred = refiner.unet(torch.cat([noisy, latent], 1), t,
+                        encoder_hidden_states=refiner.context_tokens(embeddings, poses)).sample
+    return F.mse_loss(pred, noise)
+
+
 def train_cascade(argv=None) -> int:
     """``lift3d train-cascade ...`` (wired in lift3d/cli.py). Returns the exit status."""
-    from tqdm import tqdm
-
     from lift3d.training.data import MultiViewSet
     from lift3d.zero123 import Zero123Model
-    from lift3d.cameras import position_to_spherical, zero123_pose_vectors
-    from lift3d.zero123.cascade import CascadeLayout, drop_embeddings, embed, nearby_views, token_inputs
+    from lift3d.zero123.cascade import CascadeLayout
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,113 +257,44 @@ def train_cascade(argv=None) -> int:
     log(f"{len(data)} objects x {data.images.shape[1]} views; {args.sources} sources x {len(args.offsets)} prompts each")
     prompts = make_prompts(base, data, args, log)
     coarse_views = make_coarse_views(base, data, args, log) if args.coarse_source == "sample" else None
-
-    # Frozen encodings, computed once: source latents, CLIP embeddings of sources and prompts.
-    mean, std = encode_dataset(base, data.images)
-    with torch.no_grad():
-        flat = data.images[:, :args.sources].reshape(-1, *data.images.shape[2:]).float() / 255
-        src_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(len(data), args.sources, -1)
-        flat = prompts.reshape(-1, *prompts.shape[3:]).float() / 255
-        prompt_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*prompts.shape[:3], -1)
-        if coarse_views is not None and not args.train_image_encoder:  # else embedded at every step
-            flat = coarse_views.reshape(-1, *coarse_views.shape[3:]).float() / 255
-            coarse_emb = torch.cat([embed(base, c) for c in flat.split(256)]).reshape(*coarse_views.shape[:3], -1)
-    views = position_to_spherical(data.positions)                                            # (N, V, 3)
+    inputs = frozen_inputs(base, data, prompts, coarse_views, args)
 
     refiner = copy.deepcopy(base)
     names = ("unet", "projection") + (("image_encoder",) if args.train_image_encoder else ())
-    trainable = {name: getattr(refiner, name) for name in names}
-    params = named_params(trainable)
+    loop = TrainLoop({name: getattr(refiner, name) for name in names}, lr=args.lr, warmup=args.warmup,
+                     steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, out=args.out,
+                     ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, desc="refiner")
     base_params = named_params({name: getattr(base, name) for name in names})
-    for module in trainable.values():
-        module.train().requires_grad_(True)
-    groups = [{"params": [p for k, p in params.items() if not k.startswith("projection.")], "lr": args.lr},
-              {"params": list(refiner.projection.parameters()), "lr": 10 * args.lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
-    ema = EMA(params, args.ema_decay)
     ckpt_path = os.path.join(args.out, "ckpts", "last.ckpt")
-    step, elapsed, losses = 0, 0.0, []
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for name, p in params.items():
-            p.data.copy_(ckpt["refiner"][name])
-        for name, p in base_params.items():
-            p.data.copy_(ckpt["base"][name])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        ema.shadow = {k: v.clone() for k, v in ckpt["ema"].items()}
-        step, elapsed, losses = ckpt["step"], ckpt["elapsed"], ckpt["losses"]
-        log(f"resuming at step {step}")
+        for params, saved in ((loop.params, ckpt["refiner"]), (base_params, ckpt["base"])):
+            for name, p in params.items():
+                p.data.copy_(saved[name])
+        loop.load_state(ckpt)
+        log(f"resuming at step {loop.step}")
 
-    n, v_count, s = len(data), data.images.shape[1], args.sources
-    g = torch.Generator().manual_seed(args.seed * 1000 + step)
-    t0 = time.time() - elapsed
-    bar = tqdm(total=args.steps, initial=step, desc="refiner", mininterval=5)
-    while step < args.steps and (args.max_minutes is None or time.time() - t0 < 60 * args.max_minutes):
-        b = args.batch_size
-        obj = torch.randint(0, n, (b,), generator=g)
-        src = torch.randint(0, s, (b,), generator=g)
-        tgt = (src + torch.randint(1, v_count, (b,), generator=g)) % v_count
-        src_view, tgt_view = views[obj, src], views[obj, tgt]
-        prompt_views = torch.stack([nearby_views(v, args.offsets) for v in src_view])
-        z0 = (mean[obj, tgt] + std[obj, tgt] * torch.randn(mean[obj, tgt].shape, generator=g)) * refiner.latent_scale
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, refiner.num_train_timesteps, (b,), generator=g)
-        noisy = refiner.scheduler.add_noise(z0, noise, t)
-        latent = mean[obj, src]
-        input_emb, prompt_e = src_emb[obj, src], prompt_emb[obj, src]
-        coarse = torch.zeros_like(input_emb)
-        use = torch.rand(b, generator=g) < args.coarse_prob
-        coarse_images = None if coarse_views is None else coarse_views[obj[use], src[use], tgt[use]]
-        if args.train_image_encoder:  # every condition image through the refiner's encoder, with gradients
-            n_prompts = prompts.shape[2]
-            parts = [data.images[obj, src], prompts[obj, src].flatten(0, 1)] + [x for x in [coarse_images] if x is not None]
-            e = encode_images(refiner, torch.cat(parts).float() / 255)
-            input_emb, prompt_e = e[:b], e[b:b * (1 + n_prompts)].reshape(b, n_prompts, -1)
-            if coarse_images is not None:
-                coarse = coarse.index_put((use,), e[b * (1 + n_prompts):])
-        elif coarse_images is not None:
-            coarse[use] = coarse_emb[obj[use], src[use], tgt[use]]
-        if coarse_views is None and use.any():
-            with torch.no_grad():
-                coarse[use] = coarse_estimates(base, noisy[use], t[use], latent[use], src_emb[obj[use], src[use]],
-                                               zero123_pose_vectors(tgt_view[use], src_view[use]), refiner)
-        embeddings, poses = token_inputs(input_emb, coarse, prompt_e, src_view, prompt_views, tgt_view)
-        r = torch.rand(b, generator=g)
-        embeddings = drop_embeddings(embeddings, (r < 2 * P_DROP))
-        latent = latent * ~((r >= P_DROP) & (r < 3 * P_DROP))[:, None, None, None]
-        pred = refiner.unet(torch.cat([noisy, latent], 1), t,
-                            encoder_hidden_states=refiner.context_tokens(embeddings, poses)).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer_step(loss, opt, sched, ema, params, step)
-        with torch.no_grad():  # self-distillation into the base
-            for name, p in base_params.items():
-                p.lerp_(params[name].detach(), 1 - args.momentum)
-        step += 1
-        losses.append([step, loss.item()])
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(x[1] for x in losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-        last = step >= args.steps or (args.max_minutes is not None and time.time() - t0 >= 60 * args.max_minutes)
-        if step % args.ckpt_every == 0 or last:
-            save_torch(ckpt_path, {"refiner": {k: p.detach() for k, p in params.items()},
-                                   "base": {k: p.detach() for k, p in base_params.items()},
-                                   "opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.shadow,
-                                   "step": step, "elapsed": time.time() - t0, "losses": losses, "args": vars(args)})
-            _write_loss_csv(args.out, losses)
-    bar.close()
-    log(f"refiner: {step} steps in {(time.time() - t0) / 60:.1f} min, loss (last 100) "
-        f"{sum(x[1] for x in losses[-100:]) / max(1, len(losses[-100:])):.4f}")
-    ema.swap()
+    @torch.no_grad()
+    def distill() -> None:  # self-distillation: the base moves towards the refiner
+        for name, p in base_params.items():
+            p.lerp_(loop.params[name].detach(), 1 - args.momentum)
+
+    def save() -> None:
+        save_torch(ckpt_path, {"refiner": {k: p.detach() for k, p in loop.params.items()},
+                               "base": {k: p.detach() for k, p in base_params.items()}, **loop.state(),
+                               "args": vars(args)})
+
+    loop.run(lambda g: refiner_loss(refiner, base, inputs, args, g), save, after_step=distill)
+    log(f"refiner: {loop.step} steps in {loop.elapsed / 60:.1f} min, loss (last 100) {loop.mean_loss(100):.4f}")
+    loop.ema.swap()
     refiner.eval().requires_grad_(False)
-    _replace_model_folder(refiner, args.model_out)
+    replace_model_folder(refiner, args.model_out)
     CascadeLayout(nearby=args.offsets, base_model=args.base, coarse_source=args.coarse_source).save(args.model_out)
     log(f"saved the refiner to {args.model_out}")
     if args.base_out:
         base.eval().requires_grad_(False)
-        _replace_model_folder(base, args.base_out)
+        replace_model_folder(base, args.base_out)
         log(f"saved the self-distilled base to {args.base_out}")
     return 0
-

@@ -20,7 +20,6 @@ Outputs: ``OUT/ckpts/last.ckpt``, ``OUT/samples/*.png`` (input | GT | model at +
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -28,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from lift3d.errors import UserError
-from lift3d.training.vae_stage import load_decoder, out_of_time, train_decoder, train_vae
-from lift3d.utils.io import save_torch, write_text
+from lift3d.training.loop import TrainLoop, named_params, replace_model_folder
+from lift3d.training.vae_stage import load_decoder, train_decoder, train_vae
+from lift3d.utils.io import save_torch
 
 P_DROP_IMAGE_EMBEDDING = 0.10     # r < 0.10: zero the CLIP embedding (before the projection)
 P_DROP_LATENT = (0.05, 0.15)      # 0.05 <= r < 0.15: zero the concat latent (so 5% drop both)
@@ -114,56 +114,7 @@ def diffusion_loss(model, cond_01, cond_latent, target_mean, target_std, pose, g
     return F.mse_loss(pred, noise)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-class EMA:
-    """Exponential moving average of some parameters (what the final model is saved with)."""
-
-    def __init__(self, params: dict, decay: float):
-        self.decay, self.params = decay, params
-        self.shadow = {k: v.detach().clone() for k, v in params.items()}
-
-    @torch.no_grad()
-    def update(self, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are not averaged for long
-        for k, v in self.params.items():
-            self.shadow[k].lerp_(v.detach(), 1 - d)
-
-    @torch.no_grad()
-    def swap(self):
-        """Exchange live and averaged weights (call twice to restore)."""
-        for k, v in self.params.items():
-            tmp = v.detach().clone()
-            v.copy_(self.shadow[k])
-            self.shadow[k] = tmp
-
-
-def optimizer_step(loss, opt, sched, ema, params: dict, step: int) -> None:
-    """Backward, clip the gradient norm at 1, step the optimiser and schedule, update the EMA."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-    opt.step()
-    sched.step()
-    ema.update(step)
-
-
-def named_params(modules: dict) -> dict:
-    return {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
-
-
-def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
-    """Linear warm-up, then constant or a cosine decay to 10% at ``total`` steps (annealing the
-    learning rate at the end lowers the final loss noticeably at these small step counts)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        t = min(1.0, (step - warmup) / max(total - warmup, 1))
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
-    return factor
+# --------------------------------------------------------------------------- checkpoints
 
 
 def model_state(model) -> dict:
@@ -194,55 +145,36 @@ def encode_dataset(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def train_diffusion(model, data, heldout, args, ckpt: dict, trainable: dict, log) -> None:
-    from tqdm import tqdm
-
-    for name, module in trainable.items():
-        module.train().requires_grad_(True)
-    params = named_params(trainable)
-    groups = [{"params": [p for k, p in params.items() if not k.startswith("projection.")], "lr": args.lr},
-              {"params": list(trainable["projection"].parameters()), "lr": 10 * args.lr}]  # Zero123: 10x lr
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps, args.lr_schedule))
-    ema = EMA(params, args.ema_decay)
-    step, elapsed = ckpt.get("step", 0), ckpt.get("elapsed", 0.0)
-    if ckpt.get("stage") == "diffusion" and "opt" in ckpt:
-        opt.load_state_dict(ckpt["opt"])
-        if "sched" in ckpt:
-            sched.load_state_dict(ckpt["sched"])
-        if "ema" in ckpt:
-            ema.shadow = {k: v.clone() for k, v in ckpt["ema"].items()}
+    """Stage 2 (see the module docstring), resuming from ``ckpt``; leaves the EMA weights in ``model``."""
+    loop = TrainLoop(trainable, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.lr_schedule,
+                     ema_decay=args.ema_decay, seed=args.seed, out=args.out, ckpt_every=args.ckpt_every,
+                     max_minutes=args.max_minutes, desc="diffusion")
+    resumable = ckpt.get("stage") == "diffusion" and "opt" in ckpt
+    loop.load_state(ckpt if resumable else {k: v for k, v in ckpt.items() if k in ("step", "elapsed", "losses")})
+    ckpt["losses"] = loop.losses
     log("encoding the dataset with the frozen VAE ...")
     mean, std = encode_dataset(model, data.images)
     n, v = data.images.shape[:2]
-    g = torch.Generator().manual_seed(args.seed * 1000 + step)
-    t0 = time.time() - elapsed
-    losses = ckpt.setdefault("losses", [])
-    bar = tqdm(total=args.steps, initial=step, desc="diffusion", mininterval=5)
-    while step < args.steps and not out_of_time(t0, args.max_minutes):
+
+    def batch_loss(g):
         obj = torch.randint(0, n, (args.batch_size,), generator=g)
         cond = torch.randint(0, v, (args.batch_size,), generator=g)
         target = (cond + torch.randint(1, v, (args.batch_size,), generator=g)) % v  # a different view
         pose = pair_poses(data.positions, obj, cond, target)
         cond_01 = data.images[obj, cond].float() / 255
-        loss = diffusion_loss(model, cond_01, mean[obj, cond], mean[obj, target], std[obj, target], pose, g)
-        optimizer_step(loss, opt, sched, ema, params, step)
-        step += 1
-        losses.append([step, loss.item()])
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(x[1] for x in losses[-50:]) / len(losses[-50:]):.4f}")
-        last = step >= args.steps or out_of_time(t0, args.max_minutes)
-        if step % args.ckpt_every == 0 or last:
-            _save_ckpt(args, model, ckpt, stage="diffusion", step=step, elapsed=time.time() - t0,
-                       opt=opt.state_dict(), sched=sched.state_dict(), ema=ema.shadow)
-            _write_loss_csv(args.out, losses)
+        return diffusion_loss(model, cond_01, mean[obj, cond], mean[obj, target], std[obj, target], pose, g)
+
+    def sample_grid(step, last):
         if heldout is not None and args.sample_every > 0 and (step % args.sample_every == 0 or last):
-            ema.swap()
+            loop.ema.swap()
             _sample_grid(model, heldout, os.path.join(args.out, "samples", f"{step:06d}.png"))
-            ema.swap()
-    bar.close()
-    ema.swap()  # the saved model holds the averaged weights
-    ckpt.update(step=step, elapsed=time.time() - t0)
-    log(f"diffusion: {step} steps in {ckpt['elapsed'] / 60:.1f} min")
+            loop.ema.swap()
+
+    loop.run(batch_loss, lambda: _save_ckpt(args, model, ckpt, stage="diffusion", **loop.state()),
+             on_step=sample_grid)
+    loop.ema.swap()  # the saved model holds the averaged weights
+    ckpt.update(step=loop.step, elapsed=loop.elapsed)
+    log(f"diffusion: {loop.step} steps in {ckpt['elapsed'] / 60:.1f} min")
 
 
 def _save_ckpt(args, model, ckpt: dict, **update) -> None:
@@ -252,19 +184,10 @@ def _save_ckpt(args, model, ckpt: dict, **update) -> None:
     save_torch(os.path.join(args.out, "ckpts", "last.ckpt"), ckpt)
 
 
-def _write_loss_csv(out: str, losses: list) -> None:
-    rows, window = ["step,loss,loss_avg100"], []
-    for step, loss in losses:
-        window = (window + [loss])[-100:]
-        if step % 50 == 0:
-            rows.append(f"{step},{loss:.5f},{sum(window) / len(window):.5f}")
-    write_text(os.path.join(out, "loss.csv"), "\n".join(rows) + "\n")
-
-
 def _sample_grid(model, heldout, path: str, max_objects: int = 6) -> None:
     """Rows: input | GT +90 | model +90 | GT +180 | model +180, for a few held-out objects."""
     from lift3d.training.nvs_eval import bench_tensors
-    from lift3d.zero123.nvs import sample
+    from lift3d.zero123.sampling import sample
     from lift3d.utils.images import image_grid
     from lift3d.utils.io import save_image
 
@@ -284,14 +207,6 @@ def _sample_grid(model, heldout, path: str, max_objects: int = 6) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def _replace_model_folder(model, path: str) -> None:
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        import shutil
-
-        shutil.rmtree(path)  # a model folder written earlier is replaced
-    model.save_pretrained(path)
 
 
 def export_checkpoint(args) -> int:
@@ -315,7 +230,7 @@ def export_checkpoint(args) -> int:
         for k, v in ckpt.get("ema", {}).items():
             params[k].copy_(v)
     load_decoder(model.vae, os.path.join(args.out, "ckpts", "decoder.ckpt"))
-    _replace_model_folder(model, args.model_out or os.path.join(args.out, "model"))
+    replace_model_folder(model, args.model_out or os.path.join(args.out, "model"))
     print(f"exported step {ckpt.get('step', 0)} of {path}")
     return 0
 
@@ -388,7 +303,7 @@ def train_zero123(argv=None) -> int:
         train_decoder(model.vae, data.images.reshape(-1, *data.images.shape[2:]), args, log)
     load_decoder(model.vae, os.path.join(args.out, "ckpts", "decoder.ckpt"))
     model.eval().requires_grad_(False)
-    _replace_model_folder(model, args.model_out)
+    replace_model_folder(model, args.model_out)
     log(f"saved {args.model_out}")
     return 0
 

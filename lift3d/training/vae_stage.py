@@ -17,11 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lift3d.training.loop import out_of_time
 from lift3d.utils.io import save_torch
-
-
-def out_of_time(t0: float, minutes) -> bool:
-    return minutes is not None and time.time() - t0 > 60 * minutes
 
 
 def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, chroma_weight: float) -> torch.Tensor:

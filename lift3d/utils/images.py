@@ -1,4 +1,4 @@
-"""Image resizing, grids and turntable videos."""
+"""Image loading and resizing, grids and turntable videos."""
 
 from __future__ import annotations
 
@@ -22,6 +22,26 @@ def resize(images, size, mode: str = "bilinear", channels_last: bool = False, an
     kwargs = {} if mode in ("area", "nearest") else dict(align_corners=False, antialias=antialias)
     x = F.interpolate(x.contiguous(), size=size, mode=mode, **kwargs)
     return x.permute(0, 2, 3, 1).contiguous() if channels_last else x
+
+
+def load_image(path: str, size=None):
+    """An image file -> (1, 3, size, size) float tensor in [0, 1], alpha composited on white, then
+    resized with :func:`resize` (bicubic, antialiased, as PIL's) when ``size`` is given (None: as stored)."""
+    import torch
+    from PIL import Image
+
+    from lift3d.errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"image not found: {path}")
+    try:
+        image = Image.open(path).convert("RGBA")
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    rgb, alpha = x[:, :3], x[:, 3:]
+    x = rgb * alpha + (1 - alpha)
+    return x if size is None else resize(x, size, mode="bicubic", antialias=True).clamp(0, 1)
 
 
 def image_grid(images, columns: int = 0) -> np.ndarray:

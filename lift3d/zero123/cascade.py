@@ -32,6 +32,7 @@ import torch
 
 from lift3d.cameras import zero123_pose_vectors
 from lift3d.utils.io import write_json
+from lift3d.zero123.sampling import ddim, sample
 
 PAPER_NEARBY = ((0.0, 45.0, 0.0), (0.0, -45.0, 0.0), (30.0, 0.0, 0.0))  # (Δelevation°, Δazimuth°, Δdistance)
 LAYOUT_FILE = "cascade.json"
@@ -142,8 +143,6 @@ def generate_prompts(base, input_01: torch.Tensor, view: torch.Tensor, offsets, 
                      scale: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-prompting: the base model's DDIM views of the input at ``view + offset`` for each offset.
     Returns images (P, 3, H, W) in [0, 1] and their views (P, 3)."""
-    from lift3d.zero123.nvs import sample
-
     views = nearby_views(view, offsets)
     condition = base.encode_condition(input_01)
     pose = zero123_pose_vectors(views, view.reshape(1, 3).float())
@@ -157,8 +156,6 @@ def cascade_sample(refiner, cond: CascadeCondition, targets: torch.Tensor, steps
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """DDIM views (B, 3, H, W) of the refiner at target views (B, 3); ``coarse_01``: coarse
     target images (B, 3, H, W) (e.g. the base model's views), or None."""
-    from lift3d.zero123.nvs import ddim
-
     coarse = None if coarse_01 is None else embed(refiner, coarse_01)
     return ddim(refiner, lambda x, t: refiner_noise(refiner, x, t, cond, targets, scale, coarse), len(targets),
                 tuple(cond.latent.shape[-2:]), steps, eta, generator)

@@ -6,20 +6,26 @@
   global is mapped to an inert stand-in class: nothing from the file is ever imported or run.
 - EMA weights (``model_ema.<name without dots>``) replace the UNet weights when the checkpoint has
   a complete set, as Zero123's own sampling (``ema_scope``) does.
-- Component configs (UNet, VAE, CLIP) are inferred from tensor shapes; the few hyper-parameters
-  that shapes cannot tell (head count, group-norm groups, latent scale) are Zero123's.
+- Component configs (UNet, VAE, CLIP) are inferred from tensor shapes. The UNet's attention head
+  count, which shapes cannot tell, comes from the checkpoint's ldm YAML
+  (``model.params.unet_config.params.num_heads``, or ``num_head_channels`` = channels per head)
+  when one is found (:func:`find_config`); otherwise Zero123's 8 heads are assumed, with a warning.
+  The other hyper-parameters shapes cannot tell (group-norm groups, latent scale) are Zero123's.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import pickle
 import re
+from typing import Optional, Union
 
 import torch
 
 from lift3d.errors import UserError
-from lift3d.zero123 import convert
+from lift3d.zero123 import ldm_to_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ CLIP = "cond_stage_model.model.visual."
 EMA = "model_ema."
 
 # Settings of Zero123's ldm config (sd-objaverse-finetune-c_concat-256.yaml) that shapes do not reveal.
-UNET_HEADS = 8
+UNET_HEADS = 8  # assumed when no ldm YAML is found
 LATENT_SCALE = 0.18215
 IMAGE_SIZE = 256
 
@@ -108,8 +114,49 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
 
 
-def unet_config(sd: dict) -> dict:
-    """A diffusers UNet2DConditionModel config matching ldm UNet weights (prefix removed)."""
+def find_config(ckpt_path: str) -> Optional[str]:
+    """The ldm YAML of a checkpoint, looked for next to it in this order: ``<stem>.yaml`` (e.g.
+    ``105000.yaml`` for ``105000.ckpt``), ``config.yaml``, else the folder's only ``*.yaml``
+    (as Zero123's release: ``sd-objaverse-finetune-c_concat-256.yaml``). None if none applies."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    for candidate in (os.path.splitext(os.path.abspath(ckpt_path))[0] + ".yaml", os.path.join(folder, "config.yaml")):
+        if os.path.isfile(candidate):
+            return candidate
+    found = sorted(glob.glob(os.path.join(folder, "*.yaml")))
+    return found[0] if len(found) == 1 else None
+
+
+def unet_heads(config_path: Optional[str], channels: list[int], ckpt_path: str = "") -> Union[int, list[int]]:
+    """The UNet attention heads (diffusers ``attention_head_dim``: an int, or one count per level)
+    from an ldm YAML's ``model.params.unet_config.params``; Zero123's 8 with a warning without one."""
+    if not config_path:
+        log.warning("%s: no ldm config (.yaml) found next to the checkpoint; assuming Zero123's %d UNet attention "
+                    "heads (give the YAML with --config if the model differs)", ckpt_path or "checkpoint", UNET_HEADS)
+        return UNET_HEADS
+    import yaml
+
+    try:
+        with open(config_path) as f:
+            params = yaml.safe_load(f)["model"]["params"]["unet_config"]["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the UNet settings (model.params.unet_config.params) of ldm config "
+                        f"{config_path}: {type(e).__name__} {e}") from None
+    head_channels, heads = int(params.get("num_head_channels", -1)), int(params.get("num_heads", -1))
+    if head_channels > 0:  # ldm: heads = channels // num_head_channels at every level
+        if any(c % head_channels for c in channels):
+            raise UserError(f"{config_path}: num_head_channels {head_channels} does not divide the UNet widths {channels}")
+        result = [c // head_channels for c in channels]
+    elif heads > 0:
+        result = heads
+    else:
+        raise UserError(f"{config_path}: unet_config.params sets neither num_heads nor num_head_channels")
+    log.info("%s: UNet attention heads %s from %s", ckpt_path or "checkpoint", result, config_path)
+    return result
+
+
+def unet_config(sd: dict, heads: Union[int, list[int]] = UNET_HEADS) -> dict:
+    """A diffusers UNet2DConditionModel config matching ldm UNet weights (prefix removed), with
+    ``heads`` attention heads (per level if a list)."""
     conv_in = sd["input_blocks.0.0.weight"]
     blocks = _indices(sd, r"input_blocks\.(\d+)\.")[1:]
     channels, attention, per_level, count = [], [], None, 0
@@ -129,7 +176,7 @@ def unet_config(sd: dict) -> dict:
         "block_out_channels": channels, "layers_per_block": per_level,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "cross_attention_dim": context_dim, "attention_head_dim": UNET_HEADS,
+        "cross_attention_dim": context_dim, "attention_head_dim": heads,
         "transformer_layers_per_block": depth,
         "use_linear_projection": sd["middle_block.1.proj_in.weight"].ndim == 2,
     }
@@ -162,7 +209,15 @@ def clip_config(sd: dict) -> dict:
     }
 
 
-def split(sd: dict, path: str, use_ema: bool = True) -> dict:
+def read_parts(path: str, use_ema: bool = True, config_path: Optional[str] = None) -> dict:
+    """The model parts (see :mod:`lift3d.zero123.folder`) of the original checkpoint at ``path``;
+    ``config_path``: its ldm YAML (default: :func:`find_config`)."""
+    if config_path and not os.path.isfile(config_path):
+        raise UserError(f"ldm config not found: {config_path}")
+    return split(read_state_dict(path), path, use_ema, config_path or find_config(path))
+
+
+def split(sd: dict, path: str, use_ema: bool = True, config_path: Optional[str] = None) -> dict:
     """Per-component (config, diffusers-named state dict) from a full ldm state dict."""
     missing = [p + "*" for p in (UNET, VAE, CLIP, PROJ) if not any(k.startswith(p) for k in sd)]
     if missing:
@@ -170,12 +225,14 @@ def split(sd: dict, path: str, use_ema: bool = True) -> dict:
                         "(UNet, first-stage VAE, CLIP image encoder and cc_projection)")
     try:
         unet_ldm, vae_ldm, clip_openai = unet_weights(sd, use_ema), take(sd, VAE), take(sd, CLIP)
-        configs = {"unet": unet_config(unet_ldm), "vae": vae_config(vae_ldm), "image_encoder": clip_config(clip_openai)}
+        unet_cfg = unet_config(unet_ldm)
+        unet_cfg["attention_head_dim"] = unet_heads(config_path, unet_cfg["block_out_channels"], path)
+        configs = {"unet": unet_cfg, "vae": vae_config(vae_ldm), "image_encoder": clip_config(clip_openai)}
     except KeyError as e:
         raise UserError(f"{path} does not have the layout of a Zero123 checkpoint (no {e.args[0]})") from None
-    unet, rest_u = convert.ldm_unet_to_diffusers(unet_ldm, configs["unet"])
-    vae, rest_v = convert.ldm_vae_to_diffusers(vae_ldm, configs["vae"])
-    clip, rest_c = convert.openai_clip_visual_to_hf(clip_openai)
+    unet, rest_u = ldm_to_diffusers.ldm_unet_to_diffusers(unet_ldm, configs["unet"])
+    vae, rest_v = ldm_to_diffusers.ldm_vae_to_diffusers(vae_ldm, configs["vae"])
+    clip, rest_c = ldm_to_diffusers.openai_clip_visual_to_hf(clip_openai)
     for name, rest in (("UNet", rest_u), ("VAE", rest_v), ("CLIP", rest_c)):
         if rest:
             log.warning("%s: %d unconverted %s keys ignored (e.g. %s)", path, len(rest), name, rest[0])

@@ -1,80 +1,22 @@
-"""Novel-view synthesis with a Zero123-family model (the job of Zero123's gradio demo).
-
-Views are given relative to the input image: ``elevation`` degrees up (the demo's polar-angle slider
-with the opposite sign: Δpolar = −elevation), ``azimuth`` degrees from +x towards +y (camera
-moving counter-clockwise seen from above), ``radius`` change of camera distance. Sampling is
-DDIM with the demo's defaults (50 steps, CFG 3.0, η = 1.0); ldm's uniform DDIM steps are
-diffusers' "leading" spacing with ``steps_offset=1`` (t = 1, 21, ..., 981 for 50 steps).
+"""``lift3d nvs``: novel views of an image from a Zero123-family model, written as PNG files and a
+JSON record (the job of Zero123's gradio demo). Pose conventions and the DDIM sampler are
+:mod:`lift3d.zero123.sampling`'s.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Union
 
 import torch
 
 from lift3d.errors import UserError
+from lift3d.utils.device import pick_device
+from lift3d.utils.images import load_image
 from lift3d.utils.io import save_image, write_json
-
-
-def relative_pose(elevation: float, azimuth: float, radius: float = 0.0, n: int = 1, stable: bool = False,
-                  condition_elevation: float = 0.0) -> torch.Tensor:
-    """Zero123 pose vectors (n, 4) for a view ``elevation``/``azimuth`` degrees and ``radius`` away
-    from the input view. Stable-Zero123 puts the input view's polar angle in the last slot."""
-    d_polar, d_az = math.radians(-elevation), math.radians(azimuth)
-    last = math.radians(90.0 - condition_elevation) if stable else radius
-    return torch.tensor([[d_polar, math.sin(d_az), math.cos(d_az), last]] * n)
-
-
-@torch.no_grad()
-def sample(model, condition, pose: torch.Tensor, steps: int = 50, scale: float = 3.0, eta: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM samples for ``pose`` (B, 4): images (B, 3, H, W) in [0, 1]."""
-    return ddim(model, lambda x, t: model.predict_noise(x, t, condition, pose, scale), len(pose),
-                tuple(condition.latent.shape[-2:]), steps, eta, generator)
-
-
-@torch.no_grad()
-def ddim(model, eps_fn, n: int, latent_hw: tuple, steps: int = 50, eta: float = 1.0,
-         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM with any noise predictor ``eps_fn(latents, t)`` (Zero123's or Cascade's); decodes with
-    ``model``'s VAE. Returns (n, 3, H, W) in [0, 1]."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps)
-    latents = torch.randn((n, 4, *latent_hw), generator=generator).to(model.device, model.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = eps_fn(latents, t)
-        latents = scheduler.step(eps.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
-    return model.decode(latents).clamp(0, 1)
-
-
-def load_image(path: str, size: Optional[int]) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [0, 1], alpha composited on white (size None: as stored)."""
-    import numpy as np
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise UserError(f"image not found: {path}")
-    try:
-        image = Image.open(path).convert("RGBA")
-        if size is not None:
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-    except OSError as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    rgb, alpha = x[:, :3], x[:, 3:]
-    return rgb * alpha + (1 - alpha)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
+from lift3d.zero123.model import Zero123Model
+from lift3d.zero123.sampling import relative_pose, sample
 
 
 def nvs(model_path: Union[str, "torch.nn.Module"], image: str, elevation: float, azimuth: float, radius: float = 0.0,
@@ -88,15 +30,13 @@ def nvs(model_path: Union[str, "torch.nn.Module"], image: str, elevation: float,
     With ``refiner`` (a Cascade-Zero123 refiner folder) the model is the base: it generates the
     self-prompts and a coarse view per sample (``base_view_XX.png``, ``prompt_XX.png``), and the
     refiner's views conditioned on all of them are the ``view_XX.png``."""
-    from lift3d.zero123.model import Zero123Model
-
     if pose_variant not in ("zero123", "stable"):
         raise UserError(f"pose variant '{pose_variant}' is unknown; use zero123 or stable")
     if refiner and pose_variant != "zero123":
         raise UserError("--refiner: Cascade-Zero123 refiners use the zero123 pose vector (drop --stable)")
     if steps < 1 or n_samples < 1:
         raise UserError("--steps and --n-samples must be at least 1")
-    dev = _device(device)
+    dev = pick_device(device)
     if isinstance(model_path, Zero123Model):
         model = model_path
     else:
@@ -136,8 +76,6 @@ def _refine(base, refiner_path: str, x: torch.Tensor, base_views: torch.Tensor, 
             variant) -> tuple[dict, torch.Tensor]:
     """Cascade-Zero123 views: self-prompts from the base, the base's views as coarse targets."""
     from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
-    from lift3d.zero123.model import Zero123Model
-
     refiner = Zero123Model.from_pretrained(refiner_path, torch_dtype=dtype, variant=variant).to(base.device)
     view = torch.tensor([condition_elevation, 0.0, 0.0])  # only differences of views enter the poses
     prompts, prompt_views = generate_prompts(base, x, view, CascadeLayout.load(refiner_path).nearby, steps, scale, seed)

@@ -36,8 +36,7 @@ def random_zero123(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from lift3d.zero123.loading import SCHEDULER
-    from lift3d.zero123.model import Zero123Model
+    from lift3d.zero123.model import SCHEDULER, Zero123Model
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET[size])
