@@ -22,6 +22,7 @@ from lift3d.errors import UserError
 from lift3d.registry import find
 from lift3d.systems.base import RunContext
 from lift3d.utils import io
+from lift3d.utils.device import pick_device
 from lift3d.utils.images import image_grid, save_video
 
 log = logging.getLogger("lift3d")
@@ -41,14 +42,6 @@ def trial_dir_for(exp: ExperimentConfig) -> str:
         return os.path.dirname(os.path.dirname(os.path.abspath(exp.resume)))
     tag = exp.tag + (time.strftime("@%Y%m%d-%H%M%S") if exp.use_timestamp else "")
     return os.path.join(exp.exp_root_dir, exp.name, tag)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
-    return torch.device(name)
 
 
 def load_checkpoint(path: str) -> dict:

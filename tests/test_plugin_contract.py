@@ -29,7 +29,7 @@ class ToyPrior(ViewConditionedPrior):
     latent_factor = 4
     alphas_cumprod = property(lambda self: torch.linspace(0.999, 0.01, 100))
 
-    def encode(self, images):
+    def encode(self, images, noise=None):  # a deterministic encoder: no posterior noise
         x = F.avg_pool2d(images * 2 - 1, self.latent_factor)
         return torch.cat([x, x.mean(1, keepdim=True)], 1)
 

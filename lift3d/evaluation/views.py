@@ -7,7 +7,7 @@ import torch
 from lift3d.cameras import Cameras, orbit_views
 from lift3d.mesh.io import load_mesh
 from lift3d.mesh.raycast import MeshRaycaster
-from lift3d.systems.losses import psnr
+from lift3d.evaluation.image_metrics import psnr
 
 
 def held_out_views(distance: float, fovy: float, size: int) -> Cameras:
@@ -36,6 +36,6 @@ def view_scores(system, gt_mesh: str, cameras: Cameras, shading: str = "lambert"
         iou = (pred_sil & gt_sil).sum().item() / max((pred_sil | gt_sil).sum().item(), 1)
         rows.append({"elevation": round(float(cameras.elevation_deg[i]), 1),
                      "azimuth": round(float(cameras.azimuth_deg[i]), 1),
-                     "silhouette_iou": iou, "psnr": psnr(rgb, gt_rgb[i])})
+                     "silhouette_iou": iou, "psnr": float(psnr(rgb[None], gt_rgb[i][None])[0])})
         images += [gt_rgb[i], rgb]
     return rows, images

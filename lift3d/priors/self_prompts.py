@@ -41,7 +41,7 @@ def load_prompts(folder: Optional[str], key: str, n: int) -> Optional[torch.Tens
     paths = [os.path.join(folder, f"prompt_{i:02d}.png") for i in range(n)]
     if meta.get("key") != key or not all(os.path.isfile(p) for p in paths):
         return None
-    from lift3d.zero123.nvs import load_image
+    from lift3d.utils.images import load_image
 
     return torch.cat([load_image(p, None) for p in paths])
 

@@ -55,7 +55,3 @@ def opaque(opacity: torch.Tensor) -> torch.Tensor:
     p = opacity.clamp(1e-3, 1 - 1e-3)
     return -(p * torch.log(p) + (1 - p) * torch.log(1 - p)).mean()
 
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
