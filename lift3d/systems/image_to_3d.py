@@ -166,7 +166,7 @@ class ImageTo3D(BaseSystem):
             part = {"rgb": self.to_rgb(out["comp_rgb"]).clamp(0, 1)}
             if panels:
                 part.update(normal=figures.normal_image(out["comp_normal"], out["opacity"]),
-                            depth=figures.depth_image(out["depth"], out["opacity"]),
+                            depth=figures.depth_image(out["depth"], out["opacity"], self._background_depth),
                             opacity=figures.opacity_image(out["opacity"]))
             parts.append({k: v.cpu() for k, v in part.items()})
         self.train(was_training)
@@ -283,6 +283,10 @@ class ImageTo3D(BaseSystem):
     @property
     def device(self) -> torch.device:
         return next(self.geometry.parameters()).device
+
+    @property
+    def _background_depth(self) -> float:
+        return float(getattr(getattr(self.renderer, "cfg", None), "background_depth", 0.0))
 
     def _white(self) -> torch.Tensor:
         return torch.ones(self.geometry.n_feature_dims, device=self.device)

@@ -82,13 +82,15 @@ def normal_image(comp_normal, opacity):
     return ((weighted + opacity) / 2 + (1 - opacity)).clamp(0, 1)
 
 
-def depth_image(depth, opacity):
+def depth_image(depth, opacity, background_depth: float = 0.0):
     """Depth -> grey levels, near bright, far dark, over the covered pixels (opacity > 0.5) of each
-    image, composited by opacity on black; (B, H, W, 1) -> (B, H, W, 3)."""
+    image, composited by opacity on black; (B, H, W, 1) -> (B, H, W, 3). ``background_depth``: the
+    depth the renderer gives the uncovered part of a pixel, taken out first."""
     import torch
 
+    surface = (depth - (1 - opacity) * background_depth) / opacity.clamp_min(1e-6)
     out = []
-    for d, a in zip(depth, opacity):
+    for d, a in zip(surface, opacity):
         covered = d[a > 0.5]
         lo, hi = (covered.min(), covered.max()) if covered.numel() else (d.min(), d.max())
         shade = 1 - 0.8 * ((d - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
