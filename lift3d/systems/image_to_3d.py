@@ -164,10 +164,12 @@ class ImageTo3D(BaseSystem):
         for i in range(0, len(cameras), chunk):
             out = self.render(cameras[i:i + chunk], normals=panels)
             part = {"rgb": self.to_rgb(out["comp_rgb"]).clamp(0, 1)}
-            if panels:
-                part.update(normal=figures.normal_image(out["comp_normal"], out["opacity"]),
-                            depth=figures.depth_image(out["depth"], out["opacity"], self._background_depth),
-                            opacity=figures.opacity_image(out["opacity"]))
+            if panels:  # at the RGB's size (a latent field's decoded RGB is larger than its render)
+                size = part["rgb"].shape[1:3]
+                part.update({k: resize(v, size, channels_last=True) for k, v in (
+                    ("normal", figures.normal_image(out["comp_normal"], out["opacity"])),
+                    ("depth", figures.depth_image(out["depth"], out["opacity"], self._background_depth)),
+                    ("opacity", figures.opacity_image(out["opacity"])))})
             parts.append({k: v.cpu() for k, v in part.items()})
         self.train(was_training)
         batches = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -255,16 +257,17 @@ class ImageTo3D(BaseSystem):
         return list(torch.cat([p["rgb"], p["normal"], p["opacity"]], dim=2))
 
     def summary_images(self) -> list:
-        """Rows of (label, image) at the eval size: input, reference render and validation views in
-        RGB, then their normals, depth and opacity."""
+        """Rows of (label, image) at the eval size (decoded, for a latent field): input, reference
+        render and validation views in RGB, then their normals, depth and opacity."""
         cameras = self.data.val_views()
-        size = (cameras.height, cameras.width)
         ref = self.render_views(self.reference_camera(), panels=True)
         views = self.render_views(cameras.to(self.device), panels=True)
+        size = views["rgb"].shape[1:3]           # a latent field's: the decoded size
         labels = ["reference"] + [_azimuth(cameras, i) for i in range(len(cameras))]
-        rows = [[("input", _fit(self.reference.rgb, size))]] + [[(kind, None)] for kind in ("normal", "depth", "opacity")]
-        for row, kind in zip(rows, ("rgb", "normal", "depth", "opacity")):
-            images = [_fit(ref[kind][0], size)] + list(views[kind])
+        kinds = ("rgb", "normal", "depth", "opacity")
+        rows = [[("input", _fit(self.reference.rgb, size))]] + [[(kind, None)] for kind in kinds[1:]]
+        for row, kind in zip(rows, kinds):
+            images = [_fit(image, size) for image in [ref[kind][0], *views[kind]]]
             row += [(label if kind == "rgb" else "", image) for label, image in zip(labels, images)]
         return rows
 
