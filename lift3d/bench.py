@@ -6,7 +6,9 @@ one or more protocols. Each object's result is written to ``<out>/results/<objec
 (atomically) the moment it is done, so a killed run resumes where it stopped: objects with an
 ``ok`` result are skipped, failed ones are retried. A failing object is recorded and the others
 go on. After every object the summary is rewritten: ``summary.csv``, ``summary.json`` and
-``summary.md`` (a Markdown table, per object and mean, with the time per object).
+``summary.md`` (a Markdown table, per object and mean, with the time per object; its header names
+the protocol and which direction is better). ``compare/<object>.png`` shows the ground truth and
+the reconstruction side by side, ray-cast from the input view and three more.
 
 Backends: ``local`` runs the objects one after the other in this process; ``ray`` runs them as
 Ray tasks (``ray.init(address)``: a local Ray by default, or a cluster whose nodes have lift3d
@@ -55,6 +57,10 @@ class ObjectTask:
     @property
     def result_path(self) -> str:
         return os.path.join(self.out, "results", f"{self.name}.json")
+
+    @property
+    def compare_path(self) -> str:
+        return os.path.join(self.out, "compare", f"{self.name}.png")
 
 
 def camera_overrides(cameras_json: str) -> list[str]:
@@ -122,6 +128,13 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
         result["metrics"] = {p: evaluate(pred, gt, p, **task.eval_options) for p in task.protocols}
         result["seconds"]["evaluate"] = time.time() - t0
         result["status"] = "ok"
+        try:  # a picture that cannot be drawn does not fail the object
+            result["compare_image"] = comparison_image(
+                gt, pred, os.path.join(render_dir, "cameras.json"), task.compare_path,
+                title=_compare_title(task.name, task.protocols[0], result["metrics"][task.protocols[0]]))
+        except Exception as e:
+            log.warning("%s: no comparison image: %s", task.name, e)
+            result["compare_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     except KeyboardInterrupt:
         raise
     except Exception as e:  # recorded; the other objects go on
@@ -132,6 +145,36 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     io.write_json(task.result_path, result)
     return result
+
+
+def comparison_image(gt_mesh: str, pred_mesh: str, cameras_json: str, out_png: str, size: int = 128,
+                     n_views: int = 4, title: str = "") -> str:
+    """Ground truth (top row, normalised as the input was rendered) and reconstruction (bottom row,
+    as exported) ray-cast from the input view and ``n_views - 1`` more around the object, labelled."""
+    from lift3d.cameras import orbit_views
+    from lift3d.mesh.io import load_mesh
+    from lift3d.mesh.raycast import MeshRaycaster
+    from lift3d.utils.figures import labelled_grid
+
+    with open(cameras_json) as f:
+        meta = json.load(f)
+    view = meta["views"][meta.get("input_view", 0)]
+    cameras = orbit_views(n_views, view["elevation_deg"], view["distance"], view["fovy_deg"], size, size,
+                          azimuth_start_deg=view["azimuth_deg"])
+    rows = []
+    for name, mesh in (("ground truth", load_mesh(gt_mesh, normalize=True)), ("reconstruction", load_mesh(pred_mesh))):
+        rgba = MeshRaycaster(mesh).render(cameras, shading="lambert", samples_per_pixel=4)["rgba"]
+        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        labels = [f"az {float(a) % 360:.0f}" for a in cameras.azimuth_deg]
+        labels[0] = f"{name}, input view"
+        rows.append(list(zip(labels, rgb)))
+    io.save_image(out_png, labelled_grid(rows, title=title or None))
+    return os.path.abspath(out_png)
+
+
+def _compare_title(name: str, protocol: str, metrics: dict) -> str:
+    return (f"{name} ({protocol}): Chamfer {metrics['chamfer_distance']:.4f} (lower is better), "
+            f"IoU {metrics['volume_iou']:.4f} (higher is better)")
 
 
 def _load_result(path: str) -> Optional[dict]:
@@ -315,8 +358,10 @@ def markdown_table(rows: list, columns: list, mean: dict, n_ok: int) -> str:
             return f"{v:.0f}" if v >= 10 else f"{v:.4f}"
         return str(v)
 
-    header = [c.replace("seconds_total", "time (s)") for c in shown]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(shown)]
+    header = [_column_title(c) for c in shown]
+    lines = [f"Protocol{'s' if len(protocols) > 1 else ''}: {', '.join(protocols)} (summary.json: protocol_details). "
+             "↓ lower is better, ↑ higher is better. Side-by-side renders: compare/<object>.png.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(shown)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in shown) + " |")
     if mean:
@@ -324,6 +369,20 @@ def markdown_table(rows: list, columns: list, mean: dict, n_ok: int) -> str:
     failed = [r for r in rows if r["status"] != "ok"]
     lines += [""] + [f"- {r['object']} failed: {r['error']}" for r in failed]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _column_title(column: str) -> str:
+    """``surface/chamfer`` -> ``surface Chamfer ↓``: the protocol and which direction is better."""
+    if column == "seconds_total":
+        return "time (s)"
+    protocol, _, metric = column.partition("/")
+    if not metric:
+        return column
+    if metric == "chamfer":
+        return f"{protocol} Chamfer ↓"
+    if metric == "volume_iou":
+        return f"{protocol} IoU ↑"
+    return f"{protocol} {metric.replace('f@', 'F@')} ↑"
 
 
 # --------------------------------------------------------------------------- command line

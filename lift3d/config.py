@@ -148,7 +148,7 @@ class TrainerConfig:
     max_steps: int = 1000
     val_every: int = 200          # steps between validation images (0: never)
     ckpt_every: int = 200         # steps between checkpoints (0: only at the end)
-    log_every: int = 10           # steps between progress-bar loss refreshes
+    log_every: int = 10           # steps between loss-log rows (save/losses.csv) and progress-bar refreshes
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     num_threads: int = 0          # torch CPU threads (0: torch's default)
 

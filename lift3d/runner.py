@@ -21,9 +21,10 @@ from lift3d.config import ExperimentConfig, parse_config
 from lift3d.errors import UserError
 from lift3d.registry import find
 from lift3d.systems.base import RunContext
-from lift3d.utils import io
+from lift3d.utils import figures, io
 from lift3d.utils.device import pick_device
-from lift3d.utils.images import image_grid, save_video
+from lift3d.utils.images import save_video
+from lift3d.utils.losslog import LossLog
 
 log = logging.getLogger("lift3d")
 
@@ -72,6 +73,7 @@ class Experiment:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.exp.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.outputs: dict = {}   # what this run wrote, for the end-of-run print: {what: path}
 
     # ------------------------------------------------------------------ paths
 
@@ -139,6 +141,7 @@ class Experiment:
                 self.test()
             elif mode == "export":
                 self.export()
+        self.report()
         return self.trial_dir
 
     def train(self) -> None:
@@ -152,6 +155,8 @@ class Experiment:
             self.optimizer = self.system.configure_optimizer()
         self.system.setup(self.data, self.context(), train=True)
         self.system.train()
+        losses = LossLog(self.path("save", "losses.csv"), resume_step=self.step if self.exp.resume else None,
+                         tensorboard_dir=self.path("tensorboard"))
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("LIFT3D_NO_PROGRESS") == "1")
         try:
@@ -174,6 +179,8 @@ class Experiment:
                 self.step += 1
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
+                    losses.append(self.step, {k: float(v.detach() if torch.is_tensor(v) else v)
+                                              for k, v in out.items() if _is_scalar(v)})
                     bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
                                     for k, v in out.items()})
                 if t.val_every and self.step % t.val_every == 0:
@@ -183,33 +190,70 @@ class Experiment:
         except KeyboardInterrupt:
             bar.close()
             raise Interrupted(self.save_checkpoint(), self.step) from None
+        finally:
+            losses.close()
         bar.close()
         self.save_checkpoint()
+        self.outputs["losses"] = losses.path
+        self.outputs["loss curve"] = figures.loss_curve(losses.path, self.path("save", "losses.png"))
 
     def context(self) -> RunContext:
         return RunContext(device=self.device, trial_dir=self.trial_dir, seed=self.exp.seed)
 
     def validate(self) -> None:
-        io.save_image(self.path("save", f"it{self.step}-val.png"), image_grid(self.system.validation_images()))
+        io.save_image(self.path("save", f"it{self.step}-val.png"),
+                      figures.labelled_grid([self.system.validation_images()]))
 
     def test(self) -> None:
-        """Turntable renders: a video under save/."""
+        """The turntable video (at least MIN_VIDEO_SECONDS long) and the summary image under save/."""
         frames = [(img.numpy() * 255).astype(np.uint8) for img in self.system.test_frames()]
-        save_video(self.path("save", f"it{self.step}-test"), frames)
+        if frames:
+            fps = turntable_fps(len(frames))
+            frames = frames * -(-MIN_VIDEO_SECONDS * fps // len(frames))   # repeat a turntable too short to last
+            self.outputs["turntable"] = save_video(self.path("save", f"it{self.step}-test"), frames, fps=fps)
+        rows = self.system.summary_images()
+        if rows:
+            title = f"{self.exp.name}/{self.exp.tag}  step {self.step}"
+            io.save_image(self.path("save", "summary.png"), figures.labelled_grid(rows, title=title))
+            self.outputs["summary"] = self.path("save", "summary.png")
 
     def export(self) -> None:
         exported = self.system.export(self.path("export"))
         log.info("exported %s", ", ".join(exported.values()))
+        meshes = [exported[k] for k in ("obj", "glb") if k in exported]
+        if meshes:
+            self.outputs["mesh"] = ", ".join(meshes)
         metrics = self.system.metrics(exported, self.exp.eval_protocol)
         if metrics is not None:
             io.write_json(self.path("metrics.json"), metrics)
-            print(_metrics_line(metrics))
+            self.outputs["metrics"] = f"{self.path('metrics.json')}  {_metrics_line(metrics)}"
+
+    def report(self) -> None:
+        """The last lines of a run: where its results are."""
+        order = ("mesh", "turntable", "summary", "losses", "loss curve", "metrics")
+        shown = sorted(((k, v) for k, v in self.outputs.items() if v),
+                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        width = max((len(k) for k, _ in shown), default=0) + 1
+        for what, where in shown:
+            print(f"{what + ':':<{width}} {where}")
+
+
+MIN_VIDEO_SECONDS = 3
+
+
+def turntable_fps(n_frames: int) -> int:
+    """Frames per second that make ``n_frames`` last at least MIN_VIDEO_SECONDS (at most 30 fps)."""
+    return max(1, min(30, n_frames // MIN_VIDEO_SECONDS))
+
+
+def _is_scalar(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (torch.is_tensor(v) and v.numel() == 1)
 
 
 def _metrics_line(metrics: dict) -> str:
     keys = ("chamfer_distance", "volume_iou")
     parts = [f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float))]
-    return "metrics: " + " ".join(parts)
+    return " ".join(parts)
 
 
 def run_experiment(config_path: str, overrides: list[str] = (), mode: str = "train") -> str:

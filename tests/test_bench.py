@@ -93,6 +93,12 @@ def test_bench_records_failures_and_resumes(tmp_path):
     assert car["status"] == "failed" and "boom on car" in car["error"] and car["stage"] == "reconstruct"
     table = open(os.path.join(out, "summary.md")).read()
     assert "| mug | ok |" in table and "car failed: RuntimeError: boom on car" in table
+    header = next(line for line in table.splitlines() if line.startswith("| object"))
+    assert "surface Chamfer ↓" in header and "surface IoU ↑" in header and "Protocol: surface" in table
+    # Ground truth above the reconstruction, 4 views of 128 px under their labels, a title line on top.
+    assert mug["compare_image"] == os.path.join(out, "compare", "mug.png")
+    assert iio.imread(mug["compare_image"]).shape == (18 + 2 * (14 + 128), 4 * 128, 3)
+    assert not os.path.exists(os.path.join(out, "compare", "car.png"))
     # Re-run: only the failed object runs again; then nothing does.
     before = set(os.listdir(calls))
     assert before == {"mug-0", "car-1"}

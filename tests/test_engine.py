@@ -64,11 +64,37 @@ def overrides(tmp_path, image, *extra):
     return [f"image={image}", f"exp_root_dir={tmp_path / 'out'}", *extra]
 
 
-def test_train_writes_trial_folder_and_resume_continues(tmp_path, tiny_config, disc_png):
+def test_train_writes_trial_folder_and_resume_continues(tmp_path, tiny_config, disc_png, capsys):
+    import csv
+
+    import imageio.v2 as imageio
+    import imageio.v3 as iio
+
     trial = run_experiment(tiny_config, overrides(tmp_path, disc_png))
     assert trial == str(tmp_path / "out" / "tiny" / "t")
-    for rel in ("configs/parsed.yaml", "ckpts/last.ckpt", "save/it2-val.png", "save/it4-test.mp4", "export/model.obj"):
+    for rel in ("configs/parsed.yaml", "ckpts/last.ckpt", "save/it2-val.png", "save/it4-test.mp4", "export/model.obj",
+                "save/summary.png", "save/losses.csv", "save/losses.png"):
         assert os.path.isfile(os.path.join(trial, rel)), rel
+    # The end of the run says where the results are.
+    printed = capsys.readouterr().out
+    for line_start, rel in [("mesh:", "export/model.obj"), ("turntable:", "save/it4-test.mp4"),
+                            ("summary:", "save/summary.png"), ("losses:", "save/losses.csv")]:
+        assert any(line.startswith(line_start) and os.path.join(trial, rel) in line
+                   for line in printed.splitlines()), (line_start, printed)
+    # The turntable: RGB | normal | opacity at the eval size (16 px), 3 frames lasting 3 s.
+    video = imageio.get_reader(os.path.join(trial, "save", "it4-test.mp4"))
+    frames = [frame for frame in video]
+    assert frames[0].shape == (16, 3 * 16, 3)
+    assert len(frames) / video.get_meta_data()["fps"] >= 3
+    # The labelled validation strip keeps its width: input, reference render, 2 views.
+    assert iio.imread(os.path.join(trial, "save", "it2-val.png")).shape[1] == 4 * 32
+    # One loss row per step (log_every 1).
+    with open(os.path.join(trial, "save", "losses.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "loss_rgb", "loss_mask", "loss_sparsity"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(float(r[k])) for r in rows for k in r)
+
     ckpt = os.path.join(trial, "ckpts", "last.ckpt")
     assert load_checkpoint(ckpt)["step"] == 4
     before = load_checkpoint(ckpt)["system"]["geometry.density_raw"].clone()
@@ -76,6 +102,8 @@ def test_train_writes_trial_folder_and_resume_continues(tmp_path, tiny_config, d
     after = load_checkpoint(ckpt)
     assert after["step"] == 6
     assert not torch.equal(before, after["system"]["geometry.density_raw"])
+    with open(os.path.join(trial, "save", "losses.csv"), newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]     # the resume continued it
 
 
 def test_training_reduces_reference_loss(tmp_path, tiny_config, disc_png):

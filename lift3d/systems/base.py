@@ -10,8 +10,11 @@ module's random views; a system owns the model, its losses and what it shows and
 - each step: ``update_step(step)``; ``training_step(views, step)`` -> ``{"loss": total, "loss_x": ...}``;
   the runner back-propagates ``loss``; ``on_after_backward(optimizer, step)`` (densify/prune hooks run
   here), then the optimiser steps;
-- ``validation_images()``: a list of (H, W, 3) images in [0, 1], saved as one strip;
-- ``test_frames()``: the turntable as (H, W, 3) images in [0, 1];
+- ``validation_images()``: a list of (H, W, 3) images in [0, 1], or of ``(label, image)`` pairs,
+  saved as one labelled strip;
+- ``test_frames()``: the turntable as (H, W, 3) images in [0, 1] (image-to-3d: RGB | normal | opacity);
+- ``summary_images()``: rows of ``(label, image)`` pairs for ``save/summary.png`` (an image may be
+  None: a blank cell), written once training ends;
 - ``export(out_dir)``: writes the result, returns ``{kind: path}``;
 - ``metrics(exported, protocol)``: given ``export``'s paths, the JSON of ``lift3d eval`` against the
   run's ground truth, or None when there is none.
@@ -56,6 +59,9 @@ class BaseSystem(PluginModule):
         return []
 
     def test_frames(self) -> list:
+        return []
+
+    def summary_images(self) -> list:
         return []
 
     def export(self, out_dir: str) -> dict:

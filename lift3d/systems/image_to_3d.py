@@ -25,6 +25,7 @@ from lift3d.guidance.base import GuidanceContext
 from lift3d.registry import find, register
 from lift3d.systems import losses
 from lift3d.systems.base import BaseSystem, RunContext
+from lift3d.utils import figures
 from lift3d.utils.images import resize
 
 
@@ -154,16 +155,25 @@ class ImageTo3D(BaseSystem):
         return self.guidance.decode_features(images)
 
     @torch.no_grad()
-    def render_views(self, cameras: Cameras, chunk: int = 4) -> list[torch.Tensor]:
-        """RGB images (H,W,3) for evaluation, a few views at a time to bound memory."""
+    def render_views(self, cameras: Cameras, chunk: int = 4, panels: bool = False):
+        """RGB images (H,W,3) for evaluation, a few views at a time to bound memory. With ``panels``,
+        {"rgb", "normal", "depth", "opacity"}: (B,H,W,3) batches (see lift3d.utils.figures)."""
         was_training = self.training
         self.eval()
-        images = []
+        parts = []
         for i in range(0, len(cameras), chunk):
-            out = self.render(cameras[i:i + chunk])
-            images += list(self.to_rgb(out["comp_rgb"]).clamp(0, 1).cpu())
+            out = self.render(cameras[i:i + chunk], normals=panels)
+            part = {"rgb": self.to_rgb(out["comp_rgb"]).clamp(0, 1)}
+            if panels:  # at the RGB's size (a latent field's decoded RGB is larger than its render)
+                size = part["rgb"].shape[1:3]
+                part.update({k: resize(v, size, channels_last=True) for k, v in (
+                    ("normal", figures.normal_image(out["comp_normal"], out["opacity"])),
+                    ("depth", figures.depth_image(out["depth"], out["opacity"], self._background_depth)),
+                    ("opacity", figures.opacity_image(out["opacity"])))})
+            parts.append({k: v.cpu() for k, v in part.items()})
         self.train(was_training)
-        return images
+        batches = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return batches if panels else list(batches["rgb"])
 
     # ------------------------------------------------------------------ training
 
@@ -233,13 +243,33 @@ class ImageTo3D(BaseSystem):
         """Input, reference-view render, the data module's validation views, the guidance's extras."""
         reference = self.reference
         size = reference.rgb.shape[:2]
-        renders = self.render_views(self.data.val_views().to(self.device))
+        cameras = self.data.val_views()
+        renders = self.render_views(cameras.to(self.device))
         ref = self.render_views(self.reference_camera())
         extra = self.guidance.validation_images() if self.guidance is not None else []
-        return [reference.rgb] + [_fit(i, size) for i in [ref[0], *renders, *extra]]
+        return ([("input", reference.rgb), ("reference", _fit(ref[0], size))]
+                + [(_azimuth(cameras, i), _fit(r, size)) for i, r in enumerate(renders)]
+                + [(f"guidance {i}", _fit(e, size)) for i, e in enumerate(extra)])
 
     def test_frames(self) -> list:
-        return self.render_views(self.data.test_views().to(self.device))
+        """Turntable frames: RGB | normal | opacity side by side."""
+        p = self.render_views(self.data.test_views().to(self.device), panels=True)
+        return list(torch.cat([p["rgb"], p["normal"], p["opacity"]], dim=2))
+
+    def summary_images(self) -> list:
+        """Rows of (label, image) at the eval size (decoded, for a latent field): input, reference
+        render and validation views in RGB, then their normals, depth and opacity."""
+        cameras = self.data.val_views()
+        ref = self.render_views(self.reference_camera(), panels=True)
+        views = self.render_views(cameras.to(self.device), panels=True)
+        size = views["rgb"].shape[1:3]           # a latent field's: the decoded size
+        labels = ["reference"] + [_azimuth(cameras, i) for i in range(len(cameras))]
+        kinds = ("rgb", "normal", "depth", "opacity")
+        rows = [[("input", _fit(self.reference.rgb, size))]] + [[(kind, None)] for kind in kinds[1:]]
+        for row, kind in zip(rows, kinds):
+            images = [_fit(image, size) for image in [ref[kind][0], *views[kind]]]
+            row += [(label if kind == "rgb" else "", image) for label, image in zip(labels, images)]
+        return rows
 
     def export(self, out_dir: str) -> dict:
         from lift3d.export.mesh import export_mesh
@@ -257,6 +287,10 @@ class ImageTo3D(BaseSystem):
     def device(self) -> torch.device:
         return next(self.geometry.parameters()).device
 
+    @property
+    def _background_depth(self) -> float:
+        return float(getattr(getattr(self.renderer, "cfg", None), "background_depth", 0.0))
+
     def _white(self) -> torch.Tensor:
         return torch.ones(self.geometry.n_feature_dims, device=self.device)
 
@@ -264,6 +298,10 @@ class ImageTo3D(BaseSystem):
 def _fit(image: torch.Tensor, size) -> torch.Tensor:
     """An (H, W, C) image resized to ``size`` for the validation strip."""
     return resize(image[None], size, channels_last=True)[0]
+
+
+def _azimuth(cameras: Cameras, i: int) -> str:
+    return f"az {float(cameras.azimuth_deg[i]) % 360:.0f}"
 
 
 def _nudged(cameras: Cameras, offset: float) -> Cameras:

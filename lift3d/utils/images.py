@@ -54,7 +54,7 @@ def image_grid(images, columns: int = 0) -> np.ndarray:
     return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
 
 
-def save_video(stem: str, frames: list) -> str:
+def save_video(stem: str, frames: list, fps: int = 30) -> str:
     """Write uint8 frames as ``stem.mp4`` (``stem.gif`` when no ffmpeg is available); returns the path."""
     import imageio.v2 as imageio
 
@@ -64,9 +64,9 @@ def save_video(stem: str, frames: list) -> str:
 
         path = stem + ".mp4"
         with io.atomic_path(path) as tmp:
-            imageio.mimwrite(tmp, frames, fps=30, format="FFMPEG", macro_block_size=1)
+            imageio.mimwrite(tmp, frames, fps=fps, format="FFMPEG", macro_block_size=1)
     except ImportError:
         path = stem + ".gif"
         with io.atomic_path(path) as tmp:
-            imageio.mimwrite(tmp, frames, duration=1 / 30, format="GIF")
+            imageio.mimwrite(tmp, frames, duration=1 / fps, format="GIF")
     return path
