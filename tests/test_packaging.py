@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "lift3d")
 
 # import name -> distribution name, where they differ
 DIST = {"PIL": "pillow", "mcubes": "pymcubes", "imageio_ffmpeg": "imageio-ffmpeg", "pybullet_data": "pybullet",
-        "fast_simplification": "fast-simplification", "huggingface_hub": "huggingface-hub"}
+        "fast_simplification": "fast-simplification", "huggingface_hub": "huggingface-hub", "yaml": "pyyaml"}
 # Guarded imports, used when present and never installed by pip: a GPU accelerator; the loss-curve plotter
 # (lift3d/utils/figures.py draws with PIL without it).
 OPTIONAL_UNDECLARED = {"tinycudann", "matplotlib"}
