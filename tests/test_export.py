@@ -16,6 +16,7 @@ from lift3d.export.isosurface import extract_surface, marching_cubes
 from lift3d.export.mesh import ExportConfig, export_mesh
 from lift3d.export.texture import pad_seams, rasterize_uv
 from lift3d.geometry.base import BaseGeometry
+from lift3d.mesh.io import load_mesh
 
 
 class SphereField(BaseGeometry):
@@ -46,7 +47,7 @@ def test_export_sphere_world_frame_and_texture(tmp_path):
     field = SphereField({"radius": 1.0})
     paths = export_mesh(field, str(tmp_path), _small_cfg())
     assert set(paths) >= {"obj", "mtl", "texture", "glb", "info"}
-    mesh = trimesh.load(paths["obj"], force="mesh", process=False)
+    mesh = load_mesh(paths["obj"])   # back in the z-up world frame
     # Vertices in world coordinates: on the ball's surface, not in grid units.
     r = np.linalg.norm(mesh.vertices - np.array(field.cfg.center), axis=1)
     assert abs(r.mean() - 0.45) < 0.02 and r.std() < 0.02
@@ -183,7 +184,7 @@ def test_volume_bake_shows_the_visible_colour(tmp_path):
     # the field show is the red skin: the volume bake keeps it, the point bake does not.
     def mean_texture(bake):
         paths = export_mesh(SkinField(), str(tmp_path / bake), _small_cfg(threshold=90.0, bake=bake))
-        mesh = trimesh.load(paths["obj"], force="mesh", process=False)
+        mesh = load_mesh(paths["obj"])   # back in the z-up world frame
         assert np.linalg.norm(mesh.vertices, axis=1).mean() < 0.42
         return mesh.visual.to_color().vertex_colors[:, :3].mean(0) / 255.0
 
