@@ -47,7 +47,7 @@ class ExportConfig:
     min_component_fraction: float = 0.05  # drop components with less area than this x the largest
     max_faces: int = 30000                # decimate before xatlas (xatlas time grows fast with faces)
     texture_size: int = 1024
-    texture_padding: int = 4              # texels between xatlas charts
+    texture_padding: int = 0              # texels between xatlas charts; 0: texture_size / 256, at least 2
     bake: str = "volume"                  # volume: render a short ray along the normal | surface: colour at the point
     bake_depth: float = 0.0               # half-length of that ray; 0: two cells of the density grid
     bake_samples: int = 8

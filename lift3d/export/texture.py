@@ -13,17 +13,24 @@ import numpy as np
 
 
 def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int = 1024, padding: int = 4, *,
-           max_cost: float = 2.0, max_iterations: int = 1, brute_force: bool = False
+           max_cost: float = 8.0, max_iterations: int = 2, brute_force: bool = True
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
     """xatlas parametrisation; returns (vertices, faces, uv, vmapping, atlas info).
 
     Vertices are split along UV seams: ``vertices[k] = input vertices[vmapping[k]]``. Charts are
     packed into one ``texture_size`` atlas, ``padding`` texels apart (bilinear-safe), rotated
     to fit; ``max_cost`` / ``max_iterations`` are xatlas's chart-growing knobs (bigger: fewer,
-    larger charts) and ``brute_force`` its slower, tighter packing.
+    larger charts) and ``brute_force`` its slower, tighter packing. ``padding`` 0: texture_size / 256,
+    at least 2.
+
+    The defaults were measured on a trained oracle mushroom (30k faces, 512^2): xatlas's own
+    defaults (max_cost 2, 1 iteration, padding 4, no brute force) cover 46 % of the texture with
+    356 charts; these cover 58 % with 315 charts. A noisy surface makes many charts whatever the
+    options: the padding between them is what costs the most texels.
     """
     import xatlas
 
+    padding = int(padding) if padding > 0 else max(2, int(texture_size) // 256)
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
     chart = xatlas.ChartOptions()
