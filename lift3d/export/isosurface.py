@@ -51,16 +51,21 @@ def pick_threshold(grid: np.ndarray, threshold: Optional[float], relative_thresh
 def ring_level(grid: np.ndarray, radius: float = 1.0, details: Optional[dict] = None) -> float:
     """The automatic level without a reference view: the field's own opacity-1/2 surface seen
     from 8 views around it (elevation 30 deg, the usual input elevation, and -10 deg)."""
-    from lift3d.cameras import Cameras, orbit_views
     from lift3d.export.level import choose_level
 
     if not float(np.max(grid)) > 0:
         raise UserError(f"the density field is empty (max density {float(np.max(grid)):.4g}); "
                         "the model has not learned anything: train longer")
+    return choose_level(grid, radius, ring_views(radius), None, details=details)
+
+
+def ring_views(radius: float):
+    """8 cameras around the box: 4 at elevation 30 deg, 4 at -10 deg between them, 64 x 64."""
+    from lift3d.cameras import Cameras, orbit_views
+
     distance = 2.5 * radius
-    views = Cameras.cat([orbit_views(4, 30.0, distance, 49.13, 64, 64), orbit_views(4, -10.0, distance, 49.13, 64, 64,
-                                                                                    azimuth_start_deg=45.0)])
-    return choose_level(grid, radius, views, None, details=details)
+    return Cameras.cat([orbit_views(4, 30.0, distance, 49.13, 64, 64),
+                        orbit_views(4, -10.0, distance, 49.13, 64, 64, azimuth_start_deg=45.0)])
 
 
 def marching_cubes(grid: np.ndarray, level: float, radius: float) -> tuple[np.ndarray, np.ndarray]:

@@ -177,12 +177,13 @@ def _surface(grid: np.ndarray, radius: float, cfg: ExportConfig, reference) -> t
 
 def auto_level(grid: np.ndarray, radius: float, mode: str = "auto", reference=None) -> tuple[float, dict]:
     """The automatic level (level.py) and how it was found."""
-    from lift3d.export.isosurface import ring_level
+    from lift3d.export.isosurface import ring_level, ring_views
     from lift3d.export.level import choose_level
 
     details: dict = {}
     if reference is not None and mode == "auto":
-        level = choose_level(grid, radius, reference.camera, reference.mask, details=details)
+        level = choose_level(grid, radius, reference.camera, reference.mask, guard_cameras=ring_views(radius),
+                             details=details)
         details["method"] = "auto: reference view's mask and opacity-1/2 depths"
     else:
         level = ring_level(grid, radius, details)
