@@ -156,14 +156,15 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     surface_level = float(np.exp(np.log(levels[best]).mean()))     # the middle of a plateau of equal scores
     # Hole guard: the opacity-1/2 density is reached on most rays, but fainter parts (thin stems,
     # sides few training views saw) peak below it and would vanish. Stay below the peak density of
-    # 95 % of the solid rays (field opacity > 0.9) of these cameras and of ``guard_cameras``.
+    # 95 % of the solid rays (field opacity > 0.9) of these cameras, and of ``guard_cameras``.
     peaks = [sigma[opacity > 0.9].amax(1)]
     if guard_cameras is not None:
         g_origins, g_dirs, _ = _camera_rays(guard_cameras, None, max_size)
         g_sigma, g_t, g_delta = march(grid, radius, g_origins, g_dirs, n_samples)
         peaks.append(g_sigma[rendered_depth(g_sigma, g_t, g_delta)[1] > 0.9].amax(1))
-    peaks = torch.cat(peaks).numpy()
-    guard = float(np.percentile(peaks, hole_percentile)) if len(peaks) else grid_max
+    # Each camera set on its own: the reference's many rays must not outvote the ring's.
+    guards = [float(np.percentile(p.numpy(), hole_percentile)) for p in peaks if len(p)]
+    guard = min(guards) if guards else grid_max
     level = min(surface_level, guard) if guard > 0 else surface_level
     if details is not None:
         details.update(score=float(scores.max()), surface_level=surface_level, hole_guard_level=guard, silhouette_iou=silhouette_iou(sigma, mask, level),

@@ -274,7 +274,22 @@ def _write_glb(path: str, vertices: np.ndarray, normals: np.ndarray, faces: np.n
     mesh = trimesh.Trimesh(vertices, faces, vertex_normals=normals, process=False,
                            visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
                            metadata={EXTRAS_KEY: {"up_axis": "y"}})
-    data = mesh.export(file_type="glb", include_normals=True)
+    data = mesh.export(file_type="glb", include_normals=True, tree_postprocessor=_buffer_view_targets)
     with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
+
+def _buffer_view_targets(tree: dict) -> None:
+    """Mark vertex and index buffer views (ARRAY_BUFFER / ELEMENT_ARRAY_BUFFER), as the Khronos
+    validator recommends; trimesh leaves ``bufferView.target`` unset."""
+    accessors, views = tree.get("accessors", []), tree.get("bufferViews", [])
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh.get("primitives", []):
+            targets = [(a, 34962) for a in primitive.get("attributes", {}).values()]
+            if "indices" in primitive:
+                targets.append((primitive["indices"], 34963))
+            for accessor, target in targets:
+                view = accessors[accessor].get("bufferView")
+                if view is not None:
+                    views[view]["target"] = target
