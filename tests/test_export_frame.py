@@ -154,3 +154,16 @@ def test_make_manifold_splits_touching_boxes():
     assert stats == {"non_manifold_edges": 0, "boundary_edges": 0, "components": 2, "watertight": True}
     assert report["non_manifold_vertices_split"] == 2 and len(f2) == len(f)
     assert trimesh.Trimesh(v2, f2).volume == pytest.approx(2.0)
+
+
+def test_export_with_reference_view_uses_its_mask(tmp_path):
+    from lift3d.data.reference import ReferenceView
+
+    camera = Cameras.from_spherical(30.0, 0.0, 1.5, 49.13, 48, 48)
+    render = MeshRaycaster(_ellipsoid()).render(camera)["rgba"][0]
+    reference = ReferenceView(render, camera)
+    paths = export_mesh(TallField({"radius": 0.6}), str(tmp_path),
+                        {"resolution": 40, "texture_size": 128, "max_faces": 2000}, reference=reference)
+    info = json.load(open(paths["info"]))
+    assert info["level_method"].startswith("auto: reference")
+    assert info["level_details"]["silhouette_iou"] > 0.9 and 0 < info["threshold"] <= info["level_details"]["surface_level"]
