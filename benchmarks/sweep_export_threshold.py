@@ -86,8 +86,8 @@ def main() -> int:
 
     results = [sweep_trial(t, args.gt, args.levels, args.protocol, args.iou_resolution) for t in args.trials]
     print(f"\nvolume IoU ({args.protocol} protocol, {args.iou_resolution}^3 grid)")
-    print(f"| trial | auto level | auto IoU | ring level | ring IoU | best swept level | best IoU | auto - best "
-          f"| config level | config IoU | auto s |")
+    print("| trial | auto level | auto IoU | ring level | ring IoU | best swept level | best IoU | auto - best "
+          "| config level | config IoU | auto s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         a, g, b, c = r["auto"], r["ring"], r["best"], r["config"]

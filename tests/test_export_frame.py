@@ -84,7 +84,7 @@ def test_glb_is_y_up_with_normals(exports):
 
 
 def test_obj_frames_normals_and_info(exports):
-    y_obj, z_obj = exports["y"]["obj"], exports["z"]["obj"]
+    y_obj = exports["y"]["obj"]
     text = open(y_obj).read()
     assert text.startswith("# lift3d export frame: up_axis=y")
     n_v, n_vn = text.count("\nv "), text.count("\nvn ")
