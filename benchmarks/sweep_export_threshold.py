@@ -9,8 +9,9 @@ resolution, then the iso-surface (with the trial's floater / decimation settings
 - ``auto``: lift3d.export.level.choose_level with the trial's reference view (the default);
 - ``ring``: the same without a reference (the field's own opacity from 8 views);
 - the trial's configured level (``system.export.threshold`` / ``relative_threshold``), if any;
-- ``--levels`` log-spaced levels between 1 % and 95 % of the grid's maximum density: the best of
-  these is the "best hand-picked level".
+- ``--levels`` log-spaced levels between 1 % and 95 % of the grid's maximum density, and the
+  ``--extra`` absolute levels (a finer grid where the IoU peaks): the best of these is the
+  "best hand-picked level".
 
 It prints one row per level and a summary table: volume IoU of auto and ring against the best.
 """
@@ -26,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_resolution: int) -> dict:
+def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_resolution: int,
+                extra: tuple = ()) -> dict:
     import numpy as np
     import trimesh
 
@@ -56,6 +58,7 @@ def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_re
     if export.threshold is not None or export.relative_threshold is not None:
         named.append(("config", pick_threshold(grid, export.threshold, export.relative_threshold)))
     named += [("sweep", float(v)) for v in np.geomspace(0.01, 0.95, n_levels) * grid.max()]
+    named += [("sweep", float(v)) for v in extra]
     print(f"{'setting':>8} {'level':>9} {'faces':>6} {'chamfer':>8} {'IoU':>7} {'F@0.01':>7} {'F@0.02':>7}")
     for name, level in named:
         try:
@@ -82,9 +85,11 @@ def main() -> int:
     p.add_argument("--levels", type=int, default=24, help="log-spaced levels in the sweep")
     p.add_argument("--protocol", default="surface")
     p.add_argument("--iou-resolution", type=int, default=64)
+    p.add_argument("--extra", default="", help="more absolute levels to sweep, comma-separated (a finer grid)")
     args = p.parse_args()
 
-    results = [sweep_trial(t, args.gt, args.levels, args.protocol, args.iou_resolution) for t in args.trials]
+    extra = tuple(float(v) for v in args.extra.split(",") if v)
+    results = [sweep_trial(t, args.gt, args.levels, args.protocol, args.iou_resolution, extra) for t in args.trials]
     print(f"\nvolume IoU ({args.protocol} protocol, {args.iou_resolution}^3 grid)")
     print("| trial | auto level | auto IoU | ring level | ring IoU | best swept level | best IoU | auto - best "
           "| config level | config IoU | auto s |")
