@@ -1,7 +1,8 @@
 """Timings of mesh export and evaluation on the CPU.
 
 - export: an analytic field (a ball with a colour gradient) through marching cubes, floater
-  removal, decimation, xatlas, texture baking and OBJ/GLB writing, at several settings;
+  removal, decimation, manifold repair, xatlas, texture baking and OBJ/GLB writing, at several
+  settings (with the atlas's chart count and texture coverage);
 - evaluate: every protocol on a bundled object against a perturbed copy of itself.
 
     python benchmarks/bench_export_eval.py
@@ -47,7 +48,7 @@ def bench_export() -> None:
 
     print("export (analytic bumpy ball)")
     print(f"{'resolution':>10} {'max_faces':>9} {'texture':>7} {'mc faces':>9} {'faces':>6} "
-          f"{'surface s':>9} {'unwrap s':>8} {'bake s':>6} {'total s':>7}")
+          f"{'surface s':>9} {'unwrap s':>8} {'bake s':>6} {'total s':>7} {'charts':>6} {'coverage':>8} {'non-mf':>6}")
     field = Ball()
     for resolution, max_faces, texture in [(128, 30000, 1024), (256, 30000, 1024), (256, 50000, 2048)]:
         with tempfile.TemporaryDirectory() as out:
@@ -58,7 +59,8 @@ def bench_export() -> None:
             info = json.load(open(paths["info"]))
         print(f"{resolution:>10} {max_faces:>9} {texture:>7} {info['faces_marching_cubes']:>9} {info['faces']:>6} "
               f"{info['seconds_surface']:>9.2f} {info['seconds_unwrap']:>8.2f} {info['seconds_bake']:>6.2f} "
-              f"{info['seconds_total']:>7.2f}")
+              f"{info['seconds_total']:>7.2f} {info['texture_atlas']['charts']:>6} {info['texture_coverage']:>8.3f} "
+              f"{info['non_manifold_edges']:>6}")
 
 
 def bench_evaluate() -> None:

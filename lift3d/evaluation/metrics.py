@@ -62,29 +62,18 @@ def volume_iou(occ_a: np.ndarray, occ_b: np.ndarray) -> float:
 
 
 def icp(source: np.ndarray, target: np.ndarray, iterations: int = 50, tol: float = 1e-7) -> np.ndarray:
-    """Rigid point-to-point ICP (nearest neighbours + Kabsch); returns the 4x4 transform of ``source``."""
-    from scipy.spatial import cKDTree
+    """Rigid point-to-point ICP (trimesh.registration.icp: nearest neighbours + Kabsch, no scale,
+    no reflection); returns the 4x4 transform of ``source`` onto ``target``.
 
-    tree = cKDTree(target)
-    transform = np.eye(4)
-    current = source.copy()
-    previous = np.inf
-    for _ in range(iterations):
-        dist, idx = tree.query(current, k=1, workers=-1)
-        matched = target[idx]
-        mu_s, mu_t = current.mean(0), matched.mean(0)
-        u, _, vt = np.linalg.svd((current - mu_s).T @ (matched - mu_t))
-        d = np.sign(np.linalg.det(vt.T @ u.T))
-        rotation = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-        step = np.eye(4)
-        step[:3, :3], step[:3, 3] = rotation, mu_t - rotation @ mu_s
-        current = current @ rotation.T + step[:3, 3]
-        transform = step @ transform
-        err = dist.mean()
-        if abs(previous - err) < tol:
-            break
-        previous = err
-    return transform
+    trimesh stops when its cost (mean squared distance) improves by less than its threshold:
+    ``tol`` is on the mean distance, as the hand-written ICP this replaced had it, so it is squared.
+    Checked against that ICP on the mug moved by 5 and 10 degrees (20k points each): same
+    transform to within 1e-3."""
+    from trimesh.registration import icp as trimesh_icp
+
+    transform, _, _ = trimesh_icp(source, target, max_iterations=iterations, threshold=tol * tol, reflection=False,
+                                  scale=False)
+    return np.asarray(transform, np.float64)
 
 
 def _load(mesh_or_path):

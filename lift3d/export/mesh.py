@@ -1,8 +1,11 @@
 """Textured mesh export of a trained field: ``model.obj`` + ``model.mtl`` + ``model.png`` and ``model.glb``.
 
-density grid -> iso-surface (isosurface.py) -> xatlas UVs -> texture baked from the field's colour
-at each texel's surface point (texture.py) -> files, each written atomically. Vertices are in the
-world frame of the cameras, so the mesh can be scored against a ground truth directly.
+density grid -> level (level.py: chosen from the field, unless a threshold is configured) ->
+iso-surface (isosurface.py) -> xatlas UVs -> texture baked from the field's colour at each texel's
+surface point (texture.py) -> files, each written atomically, and ``model_info.json`` saying what
+was done. Files are y-up by default (glTF's convention, Blender's OBJ import default); see
+frame.py. ``lift3d.mesh.load_mesh`` reads them back in the z-up world frame of the cameras, so
+the mesh is scored against a ground truth where it was trained.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from typing import Any, Optional
 import numpy as np
 
 from lift3d.errors import UserError
+from lift3d.export.frame import OBJ_MARKER, EXTRAS_KEY, UP_AXES, file_from_world, frame_description, info_path_for
 from lift3d.utils import io
 
 log = logging.getLogger("lift3d")
+
+LEVELS = ("auto", "ring")
+UNITS = ("lift3d world units, the object's reference frame: the frame of the cameras the field was trained "
+         "with (camera distance and field radius are in these units). The bundled examples and GSO ground "
+         "truths are normalised to a longest bounding-box side of 1; no metric scale is known.")
 
 
 @dataclass
@@ -26,8 +35,11 @@ class ExportConfig:
     """``system.export`` in experiment configs."""
 
     resolution: int = 128                 # density samples per axis over [-radius, radius]^3
-    threshold: Optional[float] = None     # absolute density iso-level; None: relative_threshold x mean
-    relative_threshold: float = 8.0       # 3drec's choice (8 x mean density of the grid)
+    level: str = "auto"                   # used when threshold and relative_threshold are None (level.py):
+    #   auto: the level matching the reference view's mask and opacity-1/2 depths (8 views of the
+    #   field's own opacity when no reference is given); ring: always the 8 views
+    threshold: Optional[float] = None     # absolute density iso-level (wins over everything)
+    relative_threshold: Optional[float] = None  # level = this x mean density (3drec used 8)
     smooth: bool = False                  # 3drec smoothing: upsample, box blur, optional erosion
     upsample: int = 2
     blur_kernel: int = 7
@@ -35,18 +47,21 @@ class ExportConfig:
     min_component_fraction: float = 0.05  # drop components with less area than this x the largest
     max_faces: int = 30000                # decimate before xatlas (xatlas time grows fast with faces)
     texture_size: int = 1024
-    texture_padding: int = 4              # texels between xatlas charts
+    texture_padding: int = 0              # texels between xatlas charts; 0: texture_size / 256, at least 2
     bake: str = "volume"                  # volume: render a short ray along the normal | surface: colour at the point
     bake_depth: float = 0.0               # half-length of that ray; 0: two cells of the density grid
     bake_samples: int = 8
     glb: bool = True
+    up_axis: str = "y"                    # y: glTF / Blender-import convention (file y = world z); z: world frame
 
 
 def _check(cfg: ExportConfig) -> None:
     problems = [
         (cfg.resolution < 8, "resolution must be >= 8"),
         (cfg.texture_size < 16, "texture_size must be >= 16"),
-        (cfg.threshold is None and cfg.relative_threshold <= 0, "relative_threshold must be > 0"),
+        (cfg.relative_threshold is not None and cfg.relative_threshold <= 0, "relative_threshold must be > 0"),
+        (cfg.level not in LEVELS, f"level must be one of {', '.join(LEVELS)}, got '{cfg.level}'"),
+        (cfg.up_axis not in UP_AXES, f"up_axis must be one of {', '.join(UP_AXES)}, got '{cfg.up_axis}'"),
         (cfg.upsample < 1, "upsample must be >= 1"),
         (cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0, "blur_kernel must be odd and >= 1"),
         (cfg.bake not in ("volume", "surface"), f"bake must be 'volume' or 'surface', got '{cfg.bake}'"),
@@ -98,59 +113,125 @@ def field_color_fn(geometry, bake: str = "volume", depth: float = 0.02, samples:
     return color
 
 
-def export_mesh(geometry, out_dir: str, cfg: Any = None) -> dict:
+def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None) -> dict:
     """Export ``geometry`` (a BaseGeometry) to ``out_dir``; returns {"obj", "mtl", "texture", "glb", "info"} paths.
 
-    Raises UserError when the field is empty or degenerate at the configured threshold.
+    ``reference`` (a ReferenceView, optional) lets the automatic level match the user's image:
+    its camera and mask. The level is ``cfg.threshold`` if set, else ``cfg.relative_threshold`` x
+    mean density if set, else automatic (level.py). A configured level that leaves the field
+    empty (or full) falls back to the automatic one, with a warning and a note in model_info.json.
+    Raises UserError only when the field itself is empty, diverged or degenerate.
     """
     from lift3d.config import parse_config
-    from lift3d.export.isosurface import extract_surface
+    from lift3d.export.isosurface import prepare_grid
 
     cfg = parse_config(ExportConfig, cfg, "system.export")
     _check(cfg)
     t0 = time.time()
     grid = geometry.density_grid(cfg.resolution)
     grid = grid.detach().cpu().numpy() if hasattr(grid, "detach") else np.asarray(grid)
-    vertices, faces, info = extract_surface(
-        grid, float(geometry.cfg.radius), threshold=cfg.threshold, relative_threshold=cfg.relative_threshold,
-        smooth=cfg.smooth, upsample=cfg.upsample, blur_kernel=cfg.blur_kernel, erode=cfg.erode,
-        min_component_fraction=cfg.min_component_fraction, max_faces=cfg.max_faces)
+    grid = prepare_grid(grid, cfg.smooth, cfg.upsample, cfg.blur_kernel, cfg.erode)
+    radius = float(geometry.cfg.radius)
+    vertices, faces, info = _surface(grid, radius, cfg, reference)
     info["seconds_surface"] = time.time() - t0
-    depth = cfg.bake_depth if cfg.bake_depth > 0 else 2 * (2 * float(geometry.cfg.radius) / cfg.resolution)
+    depth = cfg.bake_depth if cfg.bake_depth > 0 else 2 * (2 * radius / cfg.resolution)
     color_fn = field_color_fn(geometry, cfg.bake, depth, cfg.bake_samples)
     if color_fn is None:
         log.warning("the field stores latents, not RGB: the exported texture is plain grey")
         color_fn = lambda p, n: np.full((len(p), 3), 0.5, np.float32)  # noqa: E731
     paths = write_textured_mesh(out_dir, vertices, faces, color_fn, texture_size=cfg.texture_size,
-                                padding=cfg.texture_padding, glb=cfg.glb, info=info)
+                                padding=cfg.texture_padding, glb=cfg.glb, info=info, up_axis=cfg.up_axis)
     info["seconds_total"] = time.time() - t0
     info["config"] = asdict(cfg)
     io.write_json(paths["info"], info)
-    log.info("export: %d faces, threshold %.4g, %.1f s", info["faces"], info["threshold"], info["seconds_total"])
+    log.info("export: %d faces, level %.4g (%s), texture coverage %.2f, %.1f s", info["faces"], info["threshold"],
+             info["level_method"], info["texture_coverage"], info["seconds_total"])
     return paths
 
 
+def _surface(grid: np.ndarray, radius: float, cfg: ExportConfig, reference) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The iso-surface at the configured level, or the automatic one (also when the configured one is empty)."""
+    from lift3d.export.isosurface import pick_threshold, surface_at_level
+
+    fallback = None
+    if cfg.threshold is not None or cfg.relative_threshold is not None:
+        level = pick_threshold(grid, cfg.threshold, cfg.relative_threshold)
+        method = ("absolute threshold (system.export.threshold)" if cfg.threshold is not None else
+                  f"relative threshold ({cfg.relative_threshold:g} x mean density)")
+        try:
+            vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces)
+            info.update(level_method=method)
+            return vertices, faces, info
+        except UserError as e:
+            if "NaN" in str(e):
+                raise
+            fallback = f"the configured {method} {level:.4g} gave no usable surface ({e}); used the automatic level"
+            log.warning("export: %s", fallback)
+    level, details = auto_level(grid, radius, cfg.level, reference)
+    vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces)
+    info.update(level_method=details.pop("method"), level_details=details)
+    if fallback:
+        info["level_fallback"] = fallback
+    return vertices, faces, info
+
+
+def auto_level(grid: np.ndarray, radius: float, mode: str = "auto", reference=None) -> tuple[float, dict]:
+    """The automatic level (level.py) and how it was found."""
+    from lift3d.export.isosurface import ring_level, ring_views
+    from lift3d.export.level import choose_level
+
+    details: dict = {}
+    if reference is not None and mode == "auto":
+        level = choose_level(grid, radius, reference.camera, reference.mask, guard_cameras=ring_views(radius),
+                             details=details)
+        details["method"] = "auto: reference view's mask and opacity-1/2 depths"
+    else:
+        level = ring_level(grid, radius, details)
+        details["method"] = "auto: the field's own opacity-1/2 surface from 8 views" + \
+            (" (no reference view given)" if reference is None else "")
+    return level, details
+
+
 def write_textured_mesh(out_dir: str, vertices: np.ndarray, faces: np.ndarray, color_fn, *, texture_size: int = 1024,
-                        padding: int = 4, glb: bool = True, name: str = "model", info: Optional[dict] = None) -> dict:
-    """Unwrap, bake ``color_fn(points, normals)`` into a texture, write OBJ/MTL/PNG (+ GLB). Returns the paths."""
+                        padding: int = 4, glb: bool = True, name: str = "model", info: Optional[dict] = None,
+                        up_axis: str = "y") -> dict:
+    """Unwrap, bake ``color_fn(points, normals)`` into a texture, write OBJ/MTL/PNG (+ GLB). Returns the paths.
+
+    ``vertices`` and ``color_fn`` are in the world frame; the files get the ``up_axis`` frame
+    (frame.py). ``info`` receives the texture and frame entries of model_info.json.
+    """
+    import trimesh
+
     from lift3d.export.texture import bake_texture, unwrap
 
     info = {} if info is None else info
     t0 = time.time()
-    vertices, faces, uv = unwrap(vertices, faces, texture_size, padding)
+    # Normals of the closed surface (area-weighted), so they are continuous across UV seams.
+    normals = np.asarray(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)
+    split_vertices, split_faces, uv, vmapping, atlas = unwrap(vertices, faces, texture_size, padding)
     info["seconds_unwrap"] = time.time() - t0
     t0 = time.time()
-    image, coverage = bake_texture(vertices, faces, uv, color_fn, texture_size)
+    image, coverage = bake_texture(split_vertices, split_faces, uv, color_fn, texture_size)
     info.update(seconds_bake=time.time() - t0, texture_coverage=coverage, texture_size=texture_size,
-                vertices_uv=int(len(vertices)))
+                texture_atlas=atlas, vertices_uv=int(len(split_vertices)))
     paths = {"obj": os.path.join(out_dir, f"{name}.obj"), "mtl": os.path.join(out_dir, f"{name}.mtl"),
-             "texture": os.path.join(out_dir, f"{name}.png"), "info": os.path.join(out_dir, f"{name}_info.json")}
+             "texture": os.path.join(out_dir, f"{name}.png")}
+    paths["info"] = info_path_for(paths["obj"])
+    rotation = file_from_world(up_axis)
+    file_vertices, file_normals = vertices @ rotation.T, normals @ rotation.T
     io.save_image(paths["texture"], image)
     io.write_text(paths["mtl"], _mtl_text(os.path.basename(paths["texture"])))
-    io.write_text(paths["obj"], _obj_text(vertices, faces, uv, os.path.basename(paths["mtl"])))
+    io.write_text(paths["obj"], _obj_text(file_vertices, file_normals, faces, uv, split_faces, vmapping,
+                                          os.path.basename(paths["mtl"]), up_axis))
+    files = {os.path.basename(paths["obj"]): frame_description(up_axis)}
     if glb:
         paths["glb"] = os.path.join(out_dir, f"{name}.glb")
-        _write_glb(paths["glb"], vertices, faces, uv, image)
+        to_gltf = file_from_world("y")
+        _write_glb(paths["glb"], (vertices @ to_gltf.T)[vmapping], (normals @ to_gltf.T)[vmapping], split_faces, uv,
+                   image)
+        files[os.path.basename(paths["glb"])] = frame_description("y")
+    info.update(units=UNITS, world_frame="lift3d world: z up; the reference camera (azimuth 0) looks from +x",
+                files=files)
     return paths
 
 
@@ -159,26 +240,56 @@ def _mtl_text(texture_name: str) -> str:
             f"Ns 10.0\nillum 1\nmap_Kd {texture_name}\n")
 
 
-def _obj_text(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, mtl_name: str) -> str:
-    # xatlas gives one UV per (split) vertex, so position and UV indices coincide.
-    f = faces + 1
-    lines = [f"# lift3d export: {len(vertices)} vertices, {len(faces)} faces", f"mtllib {mtl_name}", "o model"]
+def _obj_text(vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray, uv: np.ndarray, uv_faces: np.ndarray,
+              vmapping: np.ndarray, mtl_name: str, up_axis: str) -> str:
+    """OBJ with one position and normal per surface vertex and one UV per chart corner.
+
+    Written here rather than with trimesh's OBJ writer, which repeats every position along the
+    UV seams: the file would then fall apart into one piece per texture chart in Blender.
+    ``faces`` index ``vertices``/``normals``; ``uv_faces`` index ``uv``; ``vmapping`` takes a UV
+    vertex to its surface vertex.
+    """
+    p = vmapping[uv_faces] + 1
+    t = uv_faces + 1
+    lines = [f"{OBJ_MARKER} up_axis={up_axis}",
+             f"# lift3d export: {len(vertices)} vertices, {len(faces)} faces, {len(uv)} texture coordinates; "
+             "frame and units in model_info.json",
+             f"mtllib {mtl_name}", "o model"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in uv]
-    lines += ["usemtl material_0"]
-    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in f]
+    lines += [f"vn {x:.5f} {y:.5f} {z:.5f}" for x, y, z in normals]
+    lines += ["usemtl material_0", "s 1"]
+    lines += [f"f {a}/{d}/{a} {b}/{e}/{b} {c}/{f}/{c}" for (a, b, c), (d, e, f) in zip(p, t)]
     return "\n".join(lines) + "\n"
 
 
-def _write_glb(path: str, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, image: np.ndarray) -> None:
+def _write_glb(path: str, vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray, uv: np.ndarray,
+               image: np.ndarray) -> None:
+    """glTF binary, y-up as the glTF specification says, with NORMAL and TEXCOORD_0 attributes."""
     import trimesh
     from PIL import Image
 
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(image), metallicFactor=0.0,
-                                                   roughnessFactor=1.0)
-    mesh = trimesh.Trimesh(vertices, faces, process=False,
-                           visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
-    data = mesh.export(file_type="glb")
+                                                   roughnessFactor=1.0, doubleSided=False)
+    mesh = trimesh.Trimesh(vertices, faces, vertex_normals=normals, process=False,
+                           visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
+                           metadata={EXTRAS_KEY: {"up_axis": "y"}})
+    data = mesh.export(file_type="glb", include_normals=True, tree_postprocessor=_buffer_view_targets)
     with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
+
+def _buffer_view_targets(tree: dict) -> None:
+    """Mark vertex and index buffer views (ARRAY_BUFFER / ELEMENT_ARRAY_BUFFER), as the Khronos
+    validator recommends; trimesh leaves ``bufferView.target`` unset."""
+    accessors, views = tree.get("accessors", []), tree.get("bufferViews", [])
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh.get("primitives", []):
+            targets = [(a, 34962) for a in primitive.get("attributes", {}).values()]
+            if "indices" in primitive:
+                targets.append((primitive["indices"], 34963))
+            for accessor, target in targets:
+                view = accessors[accessor].get("bufferView")
+                if view is not None:
+                    views[view]["target"] = target

@@ -9,7 +9,9 @@ atlas) and repairs the texture references trimesh leaves unresolved:
   absolute path such as ``E:\\develop\\data\\table.png`` (only the file name is still right).
 
 ``geometry_only`` drops the colours and closes the UV seams (for watertightness and volume tests).
-``normalize_mesh`` applies the GSO/SyncDreamer convention: scale so the longest side of the
+A lift3d export (``export/model.obj``/``.glb``) is stored y-up for glTF and Blender; ``load_mesh``
+turns it back into lift3d's z-up world frame (see lift3d/export/frame.py), so metrics score it
+where it was trained. ``normalize_mesh`` applies the GSO/SyncDreamer convention: scale so the longest side of the
 bounding box is 1, then centre the bounding box at the origin.
 """
 
@@ -60,6 +62,11 @@ def load_mesh(path: str, normalize: bool = False):
         for part in parts:
             _attach_missing_texture(part, materials)
     mesh = parts[0] if len(parts) == 1 else trimesh.util.concatenate(parts)
+    from lift3d.export.frame import world_from_file
+
+    to_world = world_from_file(path, loaded)
+    if to_world is not None:
+        mesh.apply_transform(to_world)
     if normalize:
         mesh, _, _ = normalize_mesh(mesh)
     return mesh
