@@ -274,7 +274,7 @@ class ImageTo3D(BaseSystem):
     def export(self, out_dir: str) -> dict:
         from lift3d.export.mesh import export_mesh
 
-        return export_mesh(self.geometry, out_dir, self.cfg.export)
+        return export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference)
 
     def metrics(self, exported: dict, protocol: str) -> Optional[dict]:
         if not self.data.gt_mesh:
