@@ -7,9 +7,11 @@ stop with a clear message when a loss stops being finite (the last good checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from typing import Optional
 
@@ -28,12 +30,124 @@ from lift3d.utils.images import image_grid, save_video
 log = logging.getLogger("lift3d")
 
 
-class Interrupted(Exception):
-    """Ctrl-C during training; the checkpoint has been saved."""
+# A parameter whose magnitude reaches this has blown up (a learning rate far too high) even while it is finite.
+PARAMETER_LIMIT = 1e8
+# Config keys that do not change what --test/--export write (where and how a run goes, not what it computes).
+RESULT_NEUTRAL_KEYS = ("name", "tag", "exp_root_dir", "use_timestamp", "resume", "trainer", "data.image_path")
 
-    def __init__(self, ckpt_path: str, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with resume={ckpt_path}")
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the checkpoint has been saved (``ckpt_path``; None when none could be)."""
+
+    def __init__(self, ckpt_path: Optional[str], step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with resume={ckpt_path}" if ckpt_path
+                         else f"interrupted at step {step}; no checkpoint saved (the parameters are not finite)")
         self.ckpt_path = ckpt_path
+
+
+class TrialLock:
+    """``<trial>/.lift3d.lock``: "PID HOST" of the run using a trial folder, so that a second run in the same
+    folder refuses instead of mixing its outputs in. A lock left by a killed run on this host (its process
+    is gone) is taken over. ``release`` also removes the folders ``acquire`` created if they are still empty,
+    so a run that fails before writing anything leaves no stub trial folder behind."""
+
+    NAME = ".lift3d.lock"
+
+    def __init__(self, trial_dir: str):
+        self.trial_dir = trial_dir
+        self.path = os.path.join(trial_dir, self.NAME)
+        self.created: list[str] = []
+        self.held = False
+
+    def acquire(self) -> None:
+        folder = os.path.abspath(self.trial_dir)
+        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+            self.created.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(self.trial_dir, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self._take_over_stale()
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+                self.held = True
+                return
+        except OSError as e:
+            self.release()
+            raise UserError(f"cannot write the trial folder {self.trial_dir}: {e.strerror or e}; "
+                            "set exp_root_dir to a folder you can write") from None
+        raise UserError(f"trial folder {self.trial_dir} is in use: another run took its lock at the same time")
+
+    def _take_over_stale(self) -> None:
+        try:
+            with open(self.path) as f:
+                pid_text, _, host = f.read().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            pid, host = None, ""
+        if pid is not None and (host != socket.gethostname() or _alive(pid)):
+            raise UserError(f"trial folder {self.trial_dir} is in use by another run (pid {pid} on {host or '?'}); "
+                            "wait for it to finish or choose another folder (tag=..., or use_timestamp=true); "
+                            f"if that run is gone, delete {self.path}")
+        log.warning("taking over the lock of a run that is gone (pid %s) in %s", pid, self.trial_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.held = False
+        for folder in self.created:        # deepest first; stops at the first one holding something
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.created = []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True        # exists, owned by another user
+    return True
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def config_differences(trial_cfg, cfg) -> list[str]:
+    """``key (new, trial: old)`` for every setting that differs and could change a result."""
+    def flat(c):
+        tree = _flatten(OmegaConf.to_container(c, resolve=True))
+        return {k: v for k, v in tree.items()
+                if not any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL_KEYS)}
+
+    old, new = flat(trial_cfg), flat(cfg)
+    return [f"{k} ({new.get(k, 'unset')!r}, trial: {old.get(k, 'unset')!r})" for k in sorted(set(old) | set(new))
+            if not _same_value(old.get(k), new.get(k))]
 
 
 def trial_dir_for(exp: ExperimentConfig) -> str:
@@ -48,9 +162,9 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (pass resume=<trial>/ckpts/last.ckpt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        ckpt = io.load_torch(path)
+    except io.UnsafeCheckpoint as e:
+        raise UserError(f"{e}; it is not a lift3d checkpoint") from None
     if not isinstance(ckpt, dict) or "system" not in ckpt or "step" not in ckpt:
         raise UserError(f"{path} is not a lift3d checkpoint (no 'system'/'step' entries)")
     return ckpt
@@ -62,6 +176,7 @@ class Experiment:
     def __init__(self, cfg: DictConfig):
         self.raw_cfg = cfg
         self.exp: ExperimentConfig = parse_config(ExperimentConfig, cfg)
+        _check_trainer(self.exp.trainer)
         self.trial_dir = trial_dir_for(self.exp)
         self.device = pick_device(self.exp.trainer.device)
         if self.exp.trainer.num_threads:
@@ -72,6 +187,7 @@ class Experiment:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.exp.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._loaded: dict = {}           # checkpoints read while checking the inputs, by path
 
     # ------------------------------------------------------------------ paths
 
@@ -90,7 +206,32 @@ class Experiment:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> str:
+    def bad_parameter(self) -> Optional[str]:
+        """The first parameter that is not finite or has blown up past PARAMETER_LIMIT (``name (max |value| x)``)."""
+        params = [(n, p) for n, p in self.system.named_parameters() if p.is_floating_point() and p.numel()]
+        if not params:
+            return None
+        peaks = torch.stack([p.detach().abs().max().float() for _, p in params])
+        ok = peaks < PARAMETER_LIMIT          # False for NaN and inf too
+        if bool(ok.all()):
+            return None
+        i = int((~ok).nonzero()[0])
+        return f"{params[i][0]} reached {float(peaks[i]):.3g}"
+
+    def _kept(self) -> str:
+        return f"last good checkpoint: {self.ckpt_path}" if os.path.exists(self.ckpt_path) else \
+            "no checkpoint was written yet"
+
+    def _blew_up(self, what: str) -> UserError:
+        lr = self.exp.system.get("optimizer", {}).get("lr", "default")
+        return UserError(f"the parameters blew up at step {self.step}: {what}; stopped, {self._kept()}. "
+                         f"Lower system.optimizer.lr (now {lr}) or the loss weights.")
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write ``ckpts/last.ckpt`` (atomically) and return its path; None, writing nothing, when the parameters
+        are not finite: a good checkpoint is never replaced by a bad one."""
+        if self.bad_parameter():
+            return None
         state = {
             "step": self.step,
             "system": self.system.state_dict(),
@@ -99,13 +240,18 @@ class Experiment:
             "view_rng": self.generator.get_state(),
             "config": OmegaConf.to_yaml(self.raw_cfg),
         }
-        io.save_torch(self.ckpt_path, state)
+        try:
+            io.save_torch(self.ckpt_path, state)
+        except OSError as e:
+            kept = "the previous checkpoint is kept" if os.path.exists(self.ckpt_path) else "no checkpoint was written"
+            raise UserError(f"cannot write checkpoint {self.ckpt_path} at step {self.step}: {e.strerror or e}; "
+                            f"{kept} (free disk space, then continue with resume=)") from None
         return self.ckpt_path
 
     def restore(self, path: str, with_optimizer: bool = False) -> None:
         """Load a checkpoint's weights (their shapes may differ: see BaseSystem) and RNG states;
         with ``with_optimizer``, build the optimiser over the loaded weights and restore it too."""
-        ckpt = load_checkpoint(path)
+        ckpt = self._loaded.pop(path, None) or load_checkpoint(path)
         try:
             self.system.load_state_dict(ckpt["system"])
         except RuntimeError as e:
@@ -123,22 +269,57 @@ class Experiment:
 
     # ------------------------------------------------------------------ modes
 
-    def run(self, mode: str) -> str:
-        os.makedirs(self.trial_dir, exist_ok=True)
+    def check_inputs(self, mode: str) -> None:
+        """Everything that can be checked before any work and before the trial folder exists."""
+        if mode not in ("train", "test", "export"):
+            raise UserError(f"unknown mode '{mode}'; use train, test or export")
+        if mode != "train" and not self.exp.resume:
+            raise UserError(f"--{mode} needs a trained model: pass resume=<trial>/ckpts/last.ckpt")
+        if self.exp.resume:
+            self._loaded[self.exp.resume] = load_checkpoint(self.exp.resume)
         if mode == "train":
-            io.write_text(self.path("configs", "parsed.yaml"), OmegaConf.to_yaml(self.raw_cfg))
-            self.train()
-            self.test()
-            self.export()
-        else:
-            if not self.exp.resume:
-                raise UserError(f"--{mode} needs a trained model: pass resume=<trial>/ckpts/last.ckpt")
-            self.restore(self.exp.resume)
-            self.system.setup(self.data, self.context(), train=False)
-            if mode == "test":
+            self.data.reference_view()  # a bad image fails here, before a model loads
+        if self.data.gt_mesh:
+            from lift3d.evaluation.protocols import get_protocol
+
+            get_protocol(self.exp.eval_protocol)
+        if mode != "train":
+            self._check_trial_config(mode)
+
+    def _check_trial_config(self, mode: str) -> None:
+        """--test/--export write into the trial of resume=: refuse a config that would give other results."""
+        parsed = self.path("configs", "parsed.yaml")
+        try:
+            trial_cfg = OmegaConf.load(parsed) if os.path.isfile(parsed) else \
+                OmegaConf.create(self._loaded[self.exp.resume].get("config") or "{}")
+            diffs = config_differences(trial_cfg, self.raw_cfg)
+        except Exception:      # an unreadable record of the trial's config: nothing to compare with
+            return
+        if diffs:
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            raise UserError(f"this config differs from the trial's {parsed} in {'; '.join(diffs[:3])}{more}: --{mode} "
+                            f"would overwrite that trial's outputs with other settings; pass --config {parsed} "
+                            "(trainer.* overrides are fine), or train a new trial with these settings")
+
+    def run(self, mode: str) -> str:
+        self.check_inputs(mode)
+        lock = TrialLock(self.trial_dir)
+        lock.acquire()
+        try:
+            io.remove_orphans(self.trial_dir)
+            if mode == "train":
+                self.train()
                 self.test()
-            elif mode == "export":
                 self.export()
+            else:
+                self.restore(self.exp.resume)
+                self.system.setup(self.data, self.context(), train=False)
+                if mode == "test":
+                    self.test()
+                elif mode == "export":
+                    self.export()
+        finally:
+            lock.release()
         return self.trial_dir
 
     def train(self) -> None:
@@ -151,6 +332,7 @@ class Experiment:
         else:
             self.optimizer = self.system.configure_optimizer()
         self.system.setup(self.data, self.context(), train=True)
+        io.write_text(self.path("configs", "parsed.yaml"), OmegaConf.to_yaml(self.raw_cfg))
         self.system.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("LIFT3D_NO_PROGRESS") == "1")
@@ -163,15 +345,21 @@ class Experiment:
                 loss = out["loss"]
                 if not torch.is_tensor(loss) or not torch.isfinite(loss):
                     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
-                    kept = f"last good checkpoint: {self.ckpt_path}" if os.path.exists(self.ckpt_path) else \
-                        "no checkpoint was written yet"
-                    raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {kept}. "
+                    raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {self._kept()}. "
                                     "Lower the learning rate or the loss weights.")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.system.on_after_backward(self.optimizer, self.step)
-                self.optimizer.step()
+                try:
+                    self.optimizer.step()
+                except RuntimeError as e:   # an update too large for float32 ("cannot be converted ... overflow")
+                    if "overflow" not in str(e):
+                        raise
+                    raise self._blew_up(f"the optimiser's update overflowed ({str(e).splitlines()[0]})") from None
                 self.step += 1
+                bad = self.bad_parameter()
+                if bad:
+                    raise self._blew_up(f"{bad} (not finite or over {PARAMETER_LIMIT:g})")
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
                     bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
@@ -182,7 +370,8 @@ class Experiment:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
-            raise Interrupted(self.save_checkpoint(), self.step) from None
+            raise Interrupted(self.save_checkpoint() or (self.ckpt_path if os.path.exists(self.ckpt_path) else None),
+                              self.step) from None
         bar.close()
         self.save_checkpoint()
 
@@ -204,6 +393,14 @@ class Experiment:
         if metrics is not None:
             io.write_json(self.path("metrics.json"), metrics)
             print(_metrics_line(metrics))
+
+
+def _check_trainer(t) -> None:
+    if t.max_steps < 1:
+        raise UserError(f"trainer.max_steps must be at least 1, got {t.max_steps}")
+    for key in ("val_every", "ckpt_every", "log_every", "num_threads"):
+        if getattr(t, key) < 0:
+            raise UserError(f"trainer.{key} must be 0 (never/default) or positive, got {getattr(t, key)}")
 
 
 def _metrics_line(metrics: dict) -> str:
