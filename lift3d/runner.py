@@ -159,6 +159,8 @@ def trial_dir_for(exp: ExperimentConfig) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"resume={path} is a folder; pass a checkpoint file, resume=<trial>/ckpts/last.ckpt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (pass resume=<trial>/ckpts/last.ckpt)")
     try:

@@ -115,6 +115,7 @@ class Case:
     prelude: str = ""
     timeout: int = 180
     listed: bool = True             # one of issue 14's cases (else one of the fault pass's extras)
+    in_test: bool = True            # run by tests/test_faults.py too (False: a near-duplicate, fault pass only)
     labels: dict = field(default_factory=dict)
 
 

@@ -122,8 +122,9 @@ def load_torch(path: str, mmap: bool = False) -> Any:
                 names = re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
             if names:
                 raise UnsafeCheckpoint(path, names, "") from None
-            raise UserError(f"cannot read checkpoint {path}: it is damaged or not a PyTorch checkpoint "
-                            f"({_first_line(e)})") from None
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise UserError(f"cannot read checkpoint {path}: it is damaged or not a PyTorch checkpoint (the restricted "
+                            f"unpickler stopped at: {detail.group(1).strip() if detail else _first_line(e)})") from None
         except Exception as e:  # truncated zips, random bytes behind a plausible header (IndexError, EOFError...)
             raise UserError(f"cannot read checkpoint {path}: it is damaged or not a PyTorch checkpoint "
                             f"({_first_line(e)})") from None
