@@ -36,7 +36,7 @@ def open_image(path: str):
     if os.path.isdir(path):
         raise UserError(f"image {path} is a directory, not an image file; {hint}")
     if not path or not os.path.isfile(path):
-        raise UserError(f"image file not found: {path!r}; {hint}")
+        raise UserError(f"image not found: {path!r}; {hint}")
     try:
         with Image.open(path) as img:
             img.load()

@@ -102,7 +102,7 @@ def load_torch(path: str, mmap: bool = False) -> Any:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or a legacy pickle
         kind = next((v for k, v in _KNOWN_NOT_TORCH.items() if head.startswith(k)), "empty" if not head else None)
-        raise UserError(f"{path} is not a PyTorch checkpoint ({kind or 'its first bytes are ' + repr(head)}); "
+        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint ({kind or 'its first bytes are ' + repr(head)}); "
                         "pass a .ckpt written by torch.save")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
