@@ -2,7 +2,14 @@
 
 The loop is plain PyTorch (no Lightning): one optimiser step per training step, a progress bar
 with the losses and it/s, a checkpoint every ``trainer.ckpt_every`` steps and on Ctrl-C, and a
-stop with a clear message when a loss stops being finite (the last good checkpoint is kept).
+stop with a clear message when a loss stops being finite or the parameters blow up (not finite, or
+past PARAMETER_LIMIT); a checkpoint is only written while the parameters are good, so the last one
+kept is always usable.
+
+Inputs (config values, the image, resume=, the evaluation protocol) are checked before the trial
+folder is created. A run holds the folder's lock (:class:`TrialLock`) while it writes there, so a
+second run in the same folder refuses; a killed run's lock and temporary files are cleaned up by the
+next one. ``--test``/``--export`` refuse a config that would give other results than the trial's own.
 """
 
 from __future__ import annotations
