@@ -126,6 +126,28 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        return _out_of_memory(e)
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError ("CUDA out of memory" in older torch)
+        if "out of memory" not in str(e).lower():
+            raise
+        return _out_of_memory(e)
+    except OSError as e:       # a full disk, a read-only or vanished folder: what the system said, on one line
+        name = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot access{name}: {e.strerror or _first_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(e: BaseException) -> int:
+    where = "GPU" if "CUDA" in str(e) or "MPS" in str(e) else "CPU"
+    print(f"error: out of {where} memory ({_first_line(e)}); lower data.height/width, data.batch_size, "
+          "system.renderer.train_chunk_samples or system.guidance.encode_chunk", file=sys.stderr)
+    return 2
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def version() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -84,10 +85,24 @@ def _check_keys(schema: type, cfg: Any, path: str) -> None:
             _check_keys(sub, cfg[key], f"{path}.{key}" if path else str(key))
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """NaN or infinity in a config is a typo or a broken script, never a setting: say so before any work."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value}")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(item, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+
+
 def _check_schedules(schema: type, obj: Any, path: str) -> None:
     for f in dataclasses.fields(schema):
         where = f"{path}.{f.name}" if path else f.name
         value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            _check_finite(value, where)
         if f.metadata.get("schedulable"):
             _check_schedule(value, where)
         elif dataclasses.is_dataclass(value):
@@ -234,8 +249,14 @@ def _load_yaml(path: str, seen: tuple = ()) -> DictConfig:
     path = resolve_config(path)
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml errors carry several lines
-        raise ConfigError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml errors carry several lines; say where the problem is
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None and start is not mark:
+            what += f" ({context} at line {start.line + 1})"
+        raise ConfigError(f"cannot parse config {path}{where}: {what}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a mapping of keys")
     # `extends: other.yaml` merges this file over another one: a file relative to this one, else a packaged config.

@@ -2,7 +2,14 @@
 
 The loop is plain PyTorch (no Lightning): one optimiser step per training step, a progress bar
 with the losses and it/s, a checkpoint every ``trainer.ckpt_every`` steps and on Ctrl-C, and a
-stop with a clear message when a loss stops being finite (the last good checkpoint is kept).
+stop with a clear message when a loss stops being finite or the parameters blow up (not finite, or
+past PARAMETER_LIMIT); a checkpoint is only written while the parameters are good, so the last one
+kept is always usable.
+
+Inputs (config values, the image, resume=, the evaluation protocol) are checked before the trial
+folder is created. A run holds the folder's lock (:class:`TrialLock`) while it writes there, so a
+second run in the same folder refuses; a killed run's lock and temporary files are cleaned up by the
+next one. ``--test``/``--export`` refuse a config that would give other results than the trial's own.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
 from typing import Optional
 
 import numpy as np
@@ -21,6 +27,7 @@ from lift3d.config import ExperimentConfig, parse_config
 from lift3d.errors import UserError
 from lift3d.registry import find
 from lift3d.systems.base import RunContext
+from lift3d.trial import TrialLock, config_differences, load_checkpoint, trial_dir_for
 from lift3d.utils import figures, io
 from lift3d.utils.device import pick_device
 from lift3d.utils.images import save_video
@@ -29,32 +36,15 @@ from lift3d.utils.losslog import LossLog
 log = logging.getLogger("lift3d")
 
 
+# A parameter whose magnitude reaches this has blown up (a learning rate far too high) even while it is finite.
+PARAMETER_LIMIT = 1e8
 class Interrupted(Exception):
-    """Ctrl-C during training; the checkpoint has been saved."""
+    """Ctrl-C during training; the checkpoint has been saved (``ckpt_path``; None when none could be)."""
 
-    def __init__(self, ckpt_path: str, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with resume={ckpt_path}")
+    def __init__(self, ckpt_path: Optional[str], step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with resume={ckpt_path}" if ckpt_path
+                         else f"interrupted at step {step}; no checkpoint saved (the parameters are not finite)")
         self.ckpt_path = ckpt_path
-
-
-def trial_dir_for(exp: ExperimentConfig) -> str:
-    if exp.resume:
-        # Resuming (or testing/exporting) a run continues in that run's folder: <trial>/ckpts/last.ckpt.
-        return os.path.dirname(os.path.dirname(os.path.abspath(exp.resume)))
-    tag = exp.tag + (time.strftime("@%Y%m%d-%H%M%S") if exp.use_timestamp else "")
-    return os.path.join(exp.exp_root_dir, exp.name, tag)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path} (pass resume=<trial>/ckpts/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "system" not in ckpt or "step" not in ckpt:
-        raise UserError(f"{path} is not a lift3d checkpoint (no 'system'/'step' entries)")
-    return ckpt
 
 
 class Experiment:
@@ -63,6 +53,7 @@ class Experiment:
     def __init__(self, cfg: DictConfig):
         self.raw_cfg = cfg
         self.exp: ExperimentConfig = parse_config(ExperimentConfig, cfg)
+        _check_trainer(self.exp.trainer)
         self.trial_dir = trial_dir_for(self.exp)
         self.device = pick_device(self.exp.trainer.device)
         if self.exp.trainer.num_threads:
@@ -74,6 +65,7 @@ class Experiment:
         self.generator = torch.Generator().manual_seed(self.exp.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.outputs: dict = {}   # what this run wrote, for the end-of-run print: {what: path}
+        self._loaded: dict = {}           # checkpoints read while checking the inputs, by path
 
     # ------------------------------------------------------------------ paths
 
@@ -92,7 +84,32 @@ class Experiment:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> str:
+    def bad_parameter(self) -> Optional[str]:
+        """The first parameter that is not finite or has blown up past PARAMETER_LIMIT (``name (max |value| x)``)."""
+        params = [(n, p) for n, p in self.system.named_parameters() if p.is_floating_point() and p.numel()]
+        if not params:
+            return None
+        peaks = torch.stack([p.detach().abs().max().float() for _, p in params])
+        ok = peaks < PARAMETER_LIMIT          # False for NaN and inf too
+        if bool(ok.all()):
+            return None
+        i = int((~ok).nonzero()[0])
+        return f"{params[i][0]} reached {float(peaks[i]):.3g}"
+
+    def _kept(self) -> str:
+        return f"last good checkpoint: {self.ckpt_path}" if os.path.exists(self.ckpt_path) else \
+            "no checkpoint was written yet"
+
+    def _blew_up(self, what: str) -> UserError:
+        lr = self.exp.system.get("optimizer", {}).get("lr", "default")
+        return UserError(f"the parameters blew up at step {self.step}: {what}; stopped, {self._kept()}. "
+                         f"Lower system.optimizer.lr (now {lr}) or the loss weights.")
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write ``ckpts/last.ckpt`` (atomically) and return its path; None, writing nothing, when the parameters
+        are not finite: a good checkpoint is never replaced by a bad one."""
+        if self.bad_parameter():
+            return None
         state = {
             "step": self.step,
             "system": self.system.state_dict(),
@@ -101,13 +118,18 @@ class Experiment:
             "view_rng": self.generator.get_state(),
             "config": OmegaConf.to_yaml(self.raw_cfg),
         }
-        io.save_torch(self.ckpt_path, state)
+        try:
+            io.save_torch(self.ckpt_path, state)
+        except OSError as e:
+            kept = "the previous checkpoint is kept" if os.path.exists(self.ckpt_path) else "no checkpoint was written"
+            raise UserError(f"cannot write checkpoint {self.ckpt_path} at step {self.step}: {e.strerror or e}; "
+                            f"{kept} (free disk space, then continue with resume=)") from None
         return self.ckpt_path
 
     def restore(self, path: str, with_optimizer: bool = False) -> None:
         """Load a checkpoint's weights (their shapes may differ: see BaseSystem) and RNG states;
         with ``with_optimizer``, build the optimiser over the loaded weights and restore it too."""
-        ckpt = load_checkpoint(path)
+        ckpt = self._loaded.pop(path, None) or load_checkpoint(path)
         try:
             self.system.load_state_dict(ckpt["system"])
         except RuntimeError as e:
@@ -125,22 +147,57 @@ class Experiment:
 
     # ------------------------------------------------------------------ modes
 
-    def run(self, mode: str) -> str:
-        os.makedirs(self.trial_dir, exist_ok=True)
+    def check_inputs(self, mode: str) -> None:
+        """Everything that can be checked before any work and before the trial folder exists."""
+        if mode not in ("train", "test", "export"):
+            raise UserError(f"unknown mode '{mode}'; use train, test or export")
+        if mode != "train" and not self.exp.resume:
+            raise UserError(f"--{mode} needs a trained model: pass resume=<trial>/ckpts/last.ckpt")
+        if self.exp.resume:
+            self._loaded[self.exp.resume] = load_checkpoint(self.exp.resume)
         if mode == "train":
-            io.write_text(self.path("configs", "parsed.yaml"), OmegaConf.to_yaml(self.raw_cfg))
-            self.train()
-            self.test()
-            self.export()
-        else:
-            if not self.exp.resume:
-                raise UserError(f"--{mode} needs a trained model: pass resume=<trial>/ckpts/last.ckpt")
-            self.restore(self.exp.resume)
-            self.system.setup(self.data, self.context(), train=False)
-            if mode == "test":
+            self.data.reference_view()  # a bad image fails here, before a model loads
+        if self.data.gt_mesh:
+            from lift3d.evaluation.protocols import get_protocol
+
+            get_protocol(self.exp.eval_protocol)
+        if mode != "train":
+            self._check_trial_config(mode)
+
+    def _check_trial_config(self, mode: str) -> None:
+        """--test/--export write into the trial of resume=: refuse a config that would give other results."""
+        parsed = self.path("configs", "parsed.yaml")
+        try:
+            trial_cfg = OmegaConf.load(parsed) if os.path.isfile(parsed) else \
+                OmegaConf.create(self._loaded[self.exp.resume].get("config") or "{}")
+            diffs = config_differences(trial_cfg, self.raw_cfg)
+        except Exception:      # an unreadable record of the trial's config: nothing to compare with
+            return
+        if diffs:
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            raise UserError(f"this config differs from the trial's {parsed} in {'; '.join(diffs[:3])}{more}: --{mode} "
+                            f"would overwrite that trial's outputs with other settings; pass --config {parsed} "
+                            "(trainer.* overrides are fine), or train a new trial with these settings")
+
+    def run(self, mode: str) -> str:
+        self.check_inputs(mode)
+        lock = TrialLock(self.trial_dir)
+        lock.acquire()
+        try:
+            io.remove_orphans(self.trial_dir)
+            if mode == "train":
+                self.train()
                 self.test()
-            elif mode == "export":
                 self.export()
+            else:
+                self.restore(self.exp.resume)
+                self.system.setup(self.data, self.context(), train=False)
+                if mode == "test":
+                    self.test()
+                elif mode == "export":
+                    self.export()
+        finally:
+            lock.release()
         self.report()
         return self.trial_dir
 
@@ -154,6 +211,7 @@ class Experiment:
         else:
             self.optimizer = self.system.configure_optimizer()
         self.system.setup(self.data, self.context(), train=True)
+        io.write_text(self.path("configs", "parsed.yaml"), OmegaConf.to_yaml(self.raw_cfg))
         self.system.train()
         losses = LossLog(self.path("save", "losses.csv"), resume_step=self.step if self.exp.resume else None,
                          tensorboard_dir=self.path("tensorboard"))
@@ -168,15 +226,21 @@ class Experiment:
                 loss = out["loss"]
                 if not torch.is_tensor(loss) or not torch.isfinite(loss):
                     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
-                    kept = f"last good checkpoint: {self.ckpt_path}" if os.path.exists(self.ckpt_path) else \
-                        "no checkpoint was written yet"
-                    raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {kept}. "
+                    raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {self._kept()}. "
                                     "Lower the learning rate or the loss weights.")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.system.on_after_backward(self.optimizer, self.step)
-                self.optimizer.step()
+                try:
+                    self.optimizer.step()
+                except RuntimeError as e:   # an update too large for float32 ("cannot be converted ... overflow")
+                    if "overflow" not in str(e):
+                        raise
+                    raise self._blew_up(f"the optimiser's update overflowed ({str(e).splitlines()[0]})") from None
                 self.step += 1
+                bad = self.bad_parameter()
+                if bad:
+                    raise self._blew_up(f"{bad} (not finite or over {PARAMETER_LIMIT:g})")
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
                     losses.append(self.step, {k: float(v.detach() if torch.is_tensor(v) else v)
@@ -189,7 +253,8 @@ class Experiment:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
-            raise Interrupted(self.save_checkpoint(), self.step) from None
+            raise Interrupted(self.save_checkpoint() or (self.ckpt_path if os.path.exists(self.ckpt_path) else None),
+                              self.step) from None
         finally:
             losses.close()
         bar.close()
@@ -248,6 +313,14 @@ def turntable_fps(n_frames: int) -> int:
 
 def _is_scalar(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (torch.is_tensor(v) and v.numel() == 1)
+
+
+def _check_trainer(t) -> None:
+    if t.max_steps < 1:
+        raise UserError(f"trainer.max_steps must be at least 1, got {t.max_steps}")
+    for key in ("val_every", "ckpt_every", "log_every", "num_threads"):
+        if getattr(t, key) < 0:
+            raise UserError(f"trainer.{key} must be 0 (never/default) or positive, got {getattr(t, key)}")
 
 
 def _metrics_line(metrics: dict) -> str:

@@ -8,35 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from faultcases import TINY  # the tiny config, shared with the fault cases
 from lift3d.config import load_config
 from lift3d.errors import UserError
 from lift3d.runner import Experiment, Interrupted, load_checkpoint, run_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = """
-name: tiny
-tag: t
-use_timestamp: false
-trainer: {max_steps: 4, val_every: 2, ckpt_every: 2, log_every: 1, device: cpu}
-data:
-  reference_height: 32
-  reference_width: 32
-  height: 16
-  width: 16
-  foreground_ratio: null
-  n_val_views: 2
-  n_test_views: 3
-  eval_height: 16
-  eval_width: 16
-system:
-  geometry_type: voxel-rf
-  geometry: {grid_size: 16, radius: 0.6}
-  renderer: {num_samples_per_ray: 16, use_occupancy_grid: false}
-  loss: {lambda_guidance: 0, lambda_rgb: 1.0, lambda_mask: 1.0, lambda_sparsity: 0.01}
-  optimizer: {name: adam, lr: 0.1}
-  export: {resolution: 32, texture_size: 64, relative_threshold: 1.0}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ on a plain background; anything else should be matted beforehand (for example wi
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Union
 
 import numpy as np
@@ -57,22 +56,14 @@ def load_reference_image(path: str, size: Union[int, tuple[int, int]] = 256,
 
 def read_rgba(path: str) -> np.ndarray:
     """(H, W, 4) float32 in [0, 1]; an image without alpha gets alpha = 1."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from lift3d.utils.images import open_image
 
-    if not path or not os.path.isfile(path):
-        raise UserError(f"image file not found: {path!r}; pass image=PATH to an RGBA PNG (or an RGB photo)")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)  # photos taken in portrait orientation
-            if img.mode in ("I;16", "I;16B", "I"):  # 16-bit grey
-                grey = np.asarray(img, dtype=np.float32) / 65535.0
-                return np.stack([grey] * 3 + [np.ones_like(grey)], -1)
-            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-            img = img.convert("RGBA" if has_alpha else "RGB")
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    img = open_image(path)
+    if img.mode in ("I;16", "I;16B", "I"):  # 16-bit grey
+        grey = np.asarray(img, dtype=np.float32) / 65535.0
+        return np.stack([grey] * 3 + [np.ones_like(grey)], -1)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    array = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
     if array.shape[-1] == 3:
         array = np.concatenate([array, np.ones_like(array[..., :1])], -1)
     return np.ascontiguousarray(array)

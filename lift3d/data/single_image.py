@@ -73,6 +73,14 @@ class SingleImageData(Plugin):
                                 f"{list(c.resolution_milestones)} define {n_stages} stages")
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
                 raise UserError(f"{path}.{key} must be a positive integer or a list of them, got {value}")
+        for key in ("reference_height", "reference_width", "eval_height", "eval_width", "n_test_views"):
+            if getattr(c, key) < 1:
+                raise UserError(f"{path}.{key} must be a positive integer, got {getattr(c, key)}")
+        if c.n_val_views < 0:
+            raise UserError(f"{path}.n_val_views must be 0 or more, got {c.n_val_views}")
+        if not c.default_camera_distance > 0 or not 0 < c.default_fovy_deg < 180:
+            raise UserError(f"{path}.default_camera_distance must be positive and {path}.default_fovy_deg in (0, 180), "
+                            f"got {c.default_camera_distance} and {c.default_fovy_deg}")
         if list(c.resolution_milestones) != sorted(c.resolution_milestones):
             raise UserError(f"{path}.resolution_milestones must increase, got {list(c.resolution_milestones)}")
         for key in ("elevation_range", "azimuth_range", "camera_distance_range", "fovy_range"):

@@ -86,7 +86,16 @@ def _geometry(mesh):
     """A copy with positions and faces only (colours play no part in the metrics)."""
     import trimesh
 
-    return trimesh.Trimesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces), process=False)
+    from lift3d.errors import UserError
+
+    vertices, faces = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces)
+    name = getattr(mesh, "metadata", {}).get("file_name") or "the mesh"
+    if not np.isfinite(vertices).all():
+        raise UserError(f"{name} has vertices that are not finite (NaN or inf); it cannot be scored")
+    out = trimesh.Trimesh(vertices, faces, process=False)
+    if not out.area > 0:
+        raise UserError(f"{name} has zero surface area (every triangle is degenerate); it cannot be scored")
+    return out
 
 
 def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimesh"],

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lift3d.errors import ConfigError
 from lift3d.plugin import PluginModule
 
 
@@ -29,6 +30,11 @@ class BaseGeometry(PluginModule):
 
     n_feature_dims: int = 3
     resizable_parameters: tuple = ()
+
+    def __init__(self, cfg=None, path: str = "geometry"):
+        super().__init__(cfg, path)
+        if not self.cfg.radius > 0:
+            raise ConfigError(f"{path}.radius must be positive, got {self.cfg.radius}")
 
     def after_backward(self, optimizer, step: int) -> None:
         """Densify/prune hook; fields with a fixed parameter count do nothing."""

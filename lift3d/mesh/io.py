@@ -49,10 +49,16 @@ def load_mesh(path: str, normalize: bool = False):
     if not path or not os.path.isfile(path):
         raise UserError(f"mesh file not found: {path!r}; pass an .obj/.glb/.ply file or a GSO object folder")
     try:
-        loaded = trimesh.load(path)
+        loaded = trimesh.load(path, process=False)  # processing would silently drop NaN vertices: check first
     except Exception as e:  # trimesh raises many types (ValueError, KeyError, parse errors...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read mesh {path}: {msg}") from None
+    for part in (loaded.geometry.values() if isinstance(loaded, trimesh.Scene) else [loaded]):
+        if isinstance(part, trimesh.Trimesh):
+            bad = int((~np.isfinite(np.asarray(part.vertices))).any(1).sum())
+            if bad:
+                raise UserError(f"mesh {path} has {bad} vertices that are not finite (NaN or inf); fix or re-export it")
+            part.process()  # what trimesh.load does by default: merge duplicate vertices
 
     parts = _mesh_parts(loaded)
     if not parts:

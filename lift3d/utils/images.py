@@ -24,20 +24,38 @@ def resize(images, size, mode: str = "bilinear", channels_last: bool = False, an
     return x.permute(0, 2, 3, 1).contiguous() if channels_last else x
 
 
+def open_image(path: str):
+    """``path`` as a loaded PIL image (EXIF orientation applied). Raises :class:`UserError` (one line) for a
+    missing path, a folder, an unreadable or damaged file, absurd dimensions, or 32-bit float pixels (whose
+    range no file says: 0..1 or 0..255)."""
+    from PIL import Image, ImageOps
+
+    from lift3d.errors import UserError
+
+    hint = "pass an RGBA PNG (or an RGB photo)"
+    if os.path.isdir(path):
+        raise UserError(f"image {path} is a directory, not an image file; {hint}")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"image not found: {path!r}; {hint}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)  # photos taken in portrait orientation
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read image {path}: {text}") from None
+    if img.mode in ("F", "I;32", "I;32B") or img.mode.startswith("F;"):
+        raise UserError(f"image {path} has 32-bit float pixels (mode {img.mode}), whose range lift3d cannot tell; "
+                        "save it as an 8- or 16-bit PNG")
+    return img
+
+
 def load_image(path: str, size=None):
     """An image file -> (1, 3, size, size) float tensor in [0, 1], alpha composited on white, then
     resized with :func:`resize` (bicubic, antialiased, as PIL's) when ``size`` is given (None: as stored)."""
     import torch
-    from PIL import Image
 
-    from lift3d.errors import UserError
-
-    if not os.path.isfile(path):
-        raise UserError(f"image not found: {path}")
-    try:
-        image = Image.open(path).convert("RGBA")
-    except OSError as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    image = open_image(path).convert("RGBA")
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     rgb, alpha = x[:, :3], x[:, 3:]
     x = rgb * alpha + (1 - alpha)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import pickle
 import re
 from typing import Optional, Union
 
 import torch
 
 from lift3d.errors import UserError
+from lift3d.utils.io import UnsafeCheckpoint, load_torch
 from lift3d.zero123 import ldm_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -56,35 +56,26 @@ def read_state_dict(path: str) -> dict:
     """The ``state_dict`` of a Lightning/ldm checkpoint, loaded without executing pickled code."""
     try:
         ckpt = _load(path)
-    except pickle.UnpicklingError as e:
+    except UnsafeCheckpoint as e:
         # Some global the restricted unpickler refuses: stub them all and retry once.
+        log.info("checkpoint %s: ignoring non-tensor objects %s", path, ", ".join(e.names))
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            names = []
-        if not names:
-            raise UserError(f"cannot read {path} safely with torch.load(weights_only=True) "
-                            f"({str(e).splitlines()[0][:160]}); re-save its state_dict with a trusted "
-                            "torch.load and torch.save({'state_dict': sd}, NEW.ckpt)") from None
-        log.info("checkpoint %s: ignoring non-tensor objects %s", path, ", ".join(names))
-        with torch.serialization.safe_globals([(_Inert, name) for name in names]):
-            ckpt = _load(path)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+            with torch.serialization.safe_globals([(_Inert, name) for name in e.names]):
+                ckpt = _load(path)
+        except Exception as retry:
+            raise UserError(f"{e}; not even its weights can be read without them ({str(retry).splitlines()[0][:120]}): "
+                            "re-save its state_dict with a trusted torch.load and "
+                            "torch.save({'state_dict': sd}, NEW.ckpt)") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not any(k.startswith(UNET) for k in sd):
+    if not isinstance(sd, dict) or not any(isinstance(k, str) and k.startswith(UNET) for k in sd):
         raise UserError(f"{path} is not an original Zero123 checkpoint: expected a state_dict with "
                         f"{UNET}*, {VAE}*, {CLIP}* and {PROJ}* keys")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _load(path: str):
-    try:  # mmap: only the pages we convert are read (the EMA copy doubles the file size)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: only the pages we convert are read (the EMA copy doubles the file size)
+    return load_torch(path, mmap=True)
 
 
 def ema_key(unet_key: str) -> str:

@@ -5,6 +5,7 @@ JSON record (the job of Zero123's gradio demo). Pose conventions and the DDIM sa
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Union
 
@@ -12,7 +13,7 @@ import torch
 
 from lift3d.errors import UserError
 from lift3d.utils.device import pick_device
-from lift3d.utils.images import load_image
+from lift3d.utils.images import load_image, open_image
 from lift3d.utils.io import save_image, write_json
 from lift3d.zero123.cascade import CascadeLayout, cascade_sample, encode_cascade_condition, generate_prompts
 from lift3d.zero123.model import Zero123Model
@@ -36,7 +37,11 @@ def nvs(model_path: Union[str, "torch.nn.Module"], image: str, elevation: float,
         raise UserError("--refiner: Cascade-Zero123 refiners use the zero123 pose vector (drop --stable)")
     if steps < 1 or n_samples < 1:
         raise UserError("--steps and --n-samples must be at least 1")
+    if not all(math.isfinite(v) for v in (elevation, azimuth, radius, scale, eta, condition_elevation)):
+        raise UserError("--elevation, --azimuth, --radius, --scale, --eta and --condition-elevation must be finite "
+                        "numbers")
     dev = pick_device(device)
+    open_image(image)  # a missing or unreadable image fails before the model loads
     if isinstance(model_path, Zero123Model):
         model = model_path
     else:
