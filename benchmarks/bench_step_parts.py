@@ -19,6 +19,7 @@ compare two versions alternately.
 
     python benchmarks/bench_step_parts.py                          # the main job (zero123-sjc-cpu), all steps
     python benchmarks/bench_step_parts.py --steps 100 trainer.max_steps=100
+    python benchmarks/bench_step_parts.py --steps 20 --no-after resume=OUT/ckpts/last.ckpt   # steps 300..319
 (trailing key=value items override the config, as on the launch.py command line).
 """
 
@@ -74,10 +75,15 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, [f"exp_root_dir={out_root}", "use_timestamp=false"] + args.overrides)
     exp = Experiment(cfg)
     system, data, trainer = exp.system, exp.data, exp.exp.trainer
-    steps = args.steps or trainer.max_steps
     totals: dict = defaultdict(lambda: [0.0, 0.0])
     start = clock()
-    exp.optimizer = optimizer = system.configure_optimizer()
+    if exp.exp.resume:   # resume=CKPT: measure from a trained state (weights, occupancy grid, optimiser)
+        exp.restore(exp.exp.resume, with_optimizer=True)
+        optimizer = exp.optimizer
+    else:
+        exp.optimizer = optimizer = system.configure_optimizer()
+    first = exp.step
+    steps = args.steps or trainer.max_steps - first
     system.setup(data, exp.context(), train=True)
     system.train()
     add(totals, "setup (prior load)", start)
@@ -89,7 +95,7 @@ def main(argv=None) -> dict:
         timed(prior, name, "prior forward", totals)
 
     evaluated = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         start = clock()
         data.update_step(step)
         system.update_step(step)
@@ -142,7 +148,7 @@ def main(argv=None) -> dict:
             ("validation strips", totals["validation strips"])]
     train = [sum(r[1][i] for r in rows) for i in (0, 1)]
     r = system.renderer.cfg
-    print(f"config {args.config} {' '.join(args.overrides)}  threads {torch.get_num_threads()}  steps {steps}  "
+    print(f"config {args.config} {' '.join(args.overrides)}  threads {torch.get_num_threads()}  steps {first}..{first + steps - 1}  "
           f"views/step {len(views)} at {views.height}x{views.width}, samples/ray {r.num_samples_per_ray}, "
           f"mean evaluated fraction {sum(evaluated) / max(len(evaluated), 1):.3f}")
     print(f"  {'training, per step':34s} {'wall ms':>9s} {'%':>6s} {'CPU ms':>9s} {'%':>6s}")

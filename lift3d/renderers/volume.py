@@ -10,8 +10,9 @@ with t the distance from the camera along the unit ray direction.
 
 Empty-space skipping: once the occupancy grid (occupancy.py) is built, at step
 ``occ_warmup_steps`` and then every ``occ_update_every`` steps in ``update_step``, only samples in
-occupied cells are sent to the field (gather, evaluate, scatter back with sigma = 0 elsewhere), so
-the cost follows the occupied volume. Rays that miss the box cost nothing. A field that starts as
+occupied cells are kept: the field, the transmittance (a cumulative sum per ray over the kept
+samples, which is the dense one since skipped samples have sigma = 0) and the sums are computed on
+them alone, so the cost follows the occupied volume. Rays that miss the box cost nothing. A field that starts as
 uniform fog (voxel-rf) keeps every cell occupied until training carves empty space; a hash grid
 with a blob bias skips the outside of the blob from the start, as threestudio does.
 
