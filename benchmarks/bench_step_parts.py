@@ -6,9 +6,10 @@ prior, seeds), but with its own copy of the training loop so that every step can
 - prior forward: the prior's ``encode`` / ``decode`` / ``predict_noise`` (the mini Zero123 for
   the CPU recipe);
 - other forward: losses, camera poses, the guidance's bookkeeping;
-- prior + losses backward, then render backward: the backward pass is run in two phases. The
-  renders hand the losses detached copies of their outputs, so ``loss.backward()`` stops at the
-  renders (losses, SJC/VAE-encoder backward); a second ``torch.autograd.backward`` from the render
+- prior + losses backward (with the recomputation of a checkpointed VAE encoder), then render
+  backward: the backward pass is run in two phases. The renders hand the losses detached copies
+  of their outputs, so ``loss.backward()`` stops at the renders (losses, SJC/VAE-encoder
+  backward); a second ``torch.autograd.backward`` from the render
   outputs with those gradients is the renderer's and field's backward. The gradients are the same
   as one backward pass.
 - optimiser step; occupancy-grid refreshes (``update_step``); validation strips.
@@ -19,7 +20,7 @@ compare two versions alternately.
 
     python benchmarks/bench_step_parts.py                          # the main job (zero123-sjc-cpu), all steps
     python benchmarks/bench_step_parts.py --steps 100 trainer.max_steps=100
-    python benchmarks/bench_step_parts.py --steps 20 --no-after resume=OUT/ckpts/last.ckpt   # steps 300..319
+    python benchmarks/bench_step_parts.py --steps 20 --no-after resume=OUT/ckpts/last.ckpt   # from its step
 (trailing key=value items override the config, as on the launch.py command line).
 """
 
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench_zero123_step import add, clock, timed  # noqa: E402
+from benchmarks.bench_zero123_step import add, clock  # noqa: E402
 from lift3d.config import load_config  # noqa: E402
 from lift3d.runner import Experiment  # noqa: E402
 
@@ -61,6 +62,24 @@ def split_renders(system, totals: dict, pairs: list) -> None:
         return cut
 
     system.render = render
+
+
+def time_forward_calls(obj, names, bucket: str, totals: dict, phase: dict) -> None:
+    """Add the time of ``obj.<name>(...)`` calls made in the forward pass to ``totals[bucket]``; calls
+    made during backward (a checkpointed VAE encoder recomputes there) stay in the backward buckets."""
+    for name in names:
+        original = getattr(obj, name)
+
+        def wrapper(*args, _original=original, **kwargs):
+            if not phase["forward"]:
+                return _original(*args, **kwargs)
+            start = clock()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                add(totals, bucket, start)
+
+        setattr(obj, name, wrapper)
 
 
 def main(argv=None) -> dict:
@@ -90,9 +109,8 @@ def main(argv=None) -> dict:
 
     pairs: list = []
     split_renders(system, totals, pairs)
-    prior = system.guidance.prior
-    for name in ("encode", "decode", "predict_noise"):
-        timed(prior, name, "prior forward", totals)
+    phase = {"forward": False}
+    time_forward_calls(system.guidance.prior, ("encode", "decode", "predict_noise"), "prior forward", totals, phase)
 
     evaluated = []
     for step in range(first, first + steps):
@@ -102,9 +120,10 @@ def main(argv=None) -> dict:
         add(totals, "update_step (occupancy)", start)
         views = data.sample_views(exp.generator).to(exp.device)
         pairs.clear()
-        start = clock()
+        start, phase["forward"] = clock(), True
         out = system.training_step(views, step)
         add(totals, "forward", start)
+        phase["forward"] = False
         evaluated.append(system.renderer.stats.get("evaluated_fraction", 1.0))
         optimizer.zero_grad(set_to_none=True)
         start = clock()
