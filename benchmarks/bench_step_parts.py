@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench_zero123_step import add, clock  # noqa: E402
+from benchmarks.bench_zero123_step import add, clock, timed  # noqa: E402
 from lift3d.config import load_config  # noqa: E402
 from lift3d.runner import Experiment  # noqa: E402
 
@@ -69,17 +69,9 @@ def time_forward_calls(obj, names, bucket: str, totals: dict, phase: dict) -> No
     made during backward (a checkpointed VAE encoder recomputes there) stay in the backward buckets."""
     for name in names:
         original = getattr(obj, name)
-
-        def wrapper(*args, _original=original, **kwargs):
-            if not phase["forward"]:
-                return _original(*args, **kwargs)
-            start = clock()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                add(totals, bucket, start)
-
-        setattr(obj, name, wrapper)
+        timed(obj, name, bucket, totals)
+        counted = getattr(obj, name)
+        setattr(obj, name, lambda *a, _o=original, _c=counted, **k: (_c if phase["forward"] else _o)(*a, **k))
 
 
 def main(argv=None) -> dict:
