@@ -7,6 +7,7 @@ Two grids over the box [-radius, radius]^3, read with trilinear ``grid_sample``
 - features, C channels: through a sigmoid for RGB (C = 3), raw for Stable-Diffusion latents (C = 4,
   3drec stores latents directly, init randn).
 
+``forward`` reads both grids in one ``grid_sample`` pass; ``density`` reads the density grid alone.
 Storage is (1, C, Z, Y, X), grid_sample's natural order, where a sample's (x, y, z) indexes
 (X, Y, Z). ``density_grid`` (from the base class) returns [ix, iy, iz] order as its contract says.
 Points outside the box read the border voxels (``padding_mode="border"``; 3drec pads with zeros,
@@ -66,7 +67,11 @@ class VoxelRadianceField(BaseGeometry):
         return self.activate_density(self._sample(self.density_raw, points)[:, 0])
 
     def forward(self, points: torch.Tensor) -> dict:
-        features = self._sample(self.features_raw, points)
+        # Density and features in one trilinear pass over a (1, 1 + C, Z, Y, X) grid: the sample
+        # coordinates and corner weights are computed once (the concatenation is a copy of the grids,
+        # cheap next to the lookups of a render's samples).
+        raw = self._sample(torch.cat([self.density_raw, self.features_raw], 1), points)
+        features = raw[:, 1:]
         if self.n_feature_dims == 3:
             features = torch.sigmoid(features)
-        return {"density": self.density(points), "features": features}
+        return {"density": self.activate_density(raw[:, 0]), "features": features}

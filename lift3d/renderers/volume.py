@@ -10,8 +10,9 @@ with t the distance from the camera along the unit ray direction.
 
 Empty-space skipping: once the occupancy grid (occupancy.py) is built, at step
 ``occ_warmup_steps`` and then every ``occ_update_every`` steps in ``update_step``, only samples in
-occupied cells are sent to the field (gather, evaluate, scatter back with sigma = 0 elsewhere), so
-the cost follows the occupied volume. Rays that miss the box cost nothing. A field that starts as
+occupied cells are kept: the field, the transmittance (a cumulative sum per ray over the kept
+samples, which is the dense one since skipped samples have sigma = 0) and the sums are computed on
+them alone, so the cost follows the occupied volume. Rays that miss the box cost nothing. A field that starts as
 uniform fog (voxel-rf) keeps every cell occupied until training carves empty space; a hash grid
 with a blob bias skips the outside of the blob from the start, as threestudio does.
 
@@ -58,6 +59,17 @@ def composite_weights(sigma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     # Transmittance from an exclusive cumulative sum: stabler than a cumprod of (1 - alpha).
     optical_depth = torch.cumsum(tau, dim=-1) - tau
     return (1.0 - torch.exp(-tau)) * torch.exp(-optical_depth)
+
+
+def _exclusive_segment_cumsum(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """For x (K,) in runs of equal, non-decreasing ``segment`` ids: the sum of the earlier elements of
+    each element's run (the optical depth in front of a sample of its ray). One cumulative sum over all
+    runs in float64 (so that subtracting the run's start loses nothing), differentiable."""
+    total = torch.cumsum(x.double(), 0) - x.double()                  # exclusive, over all runs
+    first = torch.ones_like(segment, dtype=torch.bool)
+    first[1:] = segment[1:] != segment[:-1]
+    start = torch.cumsum(first, 0) - 1                                 # run number of each element
+    return (total - total[first][start]).to(x.dtype)
 
 
 @dataclass
@@ -184,37 +196,52 @@ class VolumeRenderer(PluginModule):
 
     def render_rays(self, origins: torch.Tensor, dirs: torch.Tensor, perturb: bool, normals: bool = False) -> dict:
         """Composite rays (N, 3) -> features (N, C), opacity (N, 1), depth (N, 1) without background
-        terms, normal (N, 3) when asked, and n_evaluated (number of field queries)."""
-        geometry, S = self.geometry, self.cfg.num_samples_per_ray
-        n, C = len(origins), geometry.n_feature_dims
-        t_near, t_far, hit = ray_aabb(origins, dirs, self.radius, self.cfg.near_plane)
-        delta = ((t_far - t_near) / S)[:, None]                                    # (N, 1)
-        offset = torch.rand(n, S, device=origins.device) if perturb else torch.full((n, S), 0.5, device=origins.device)
-        t = t_near[:, None] + (torch.arange(S, device=origins.device) + offset) * delta   # (N, S)
-        points = (origins[:, None, :] + t[..., None] * dirs[:, None, :]).reshape(-1, 3)
+        terms, normal (N, 3) when asked, and n_evaluated (number of field queries).
 
-        keep = hit[:, None].expand(n, S).reshape(-1)
+        Only rays that cross the box are marched, and once the occupancy grid is built only their
+        samples in occupied cells are kept: everything after the occupancy test (points, field,
+        transmittance, sums) is computed on the kept samples alone, so a step costs what the occupied
+        space costs. Skipped samples have sigma = 0, so the result is that of the dense (N, S) march."""
+        geometry, S = self.geometry, self.cfg.num_samples_per_ray
+        n, C, device = len(origins), geometry.n_feature_dims, origins.device
+        t_near, t_far, hit = ray_aabb(origins, dirs, self.radius, self.cfg.near_plane)
+        rays = hit.nonzero().squeeze(1)                                            # (M,) rays through the box
+        o, d, t0 = origins[rays], dirs[rays], t_near[rays]
+        delta = (t_far[rays] - t0) / S                                             # (M,)
+        m = len(rays)
+        offset = torch.rand(m, S, device=device) if perturb else torch.full((m, S), 0.5, device=device)
+        t = torch.addcmul(t0[:, None], torch.arange(S, device=device) + offset, delta[:, None])   # (M, S)
+
         if self.skipping:
-            keep = keep & self.occupancy.occupied(points)
-        index = keep.nonzero().squeeze(1)                 # flat sample ids, grouped by ray
-        field = geometry(points[index])
-        # Densities go back to the dense (N, S) layout for the transmittance scan (one channel, cheap);
-        # features are accumulated from the evaluated samples only (C channels, the costly part).
-        sigma = points.new_zeros(n * S).index_put((index,), field["density"].to(points.dtype))
-        weights = composite_weights(sigma.view(n, S), delta)
-        w = weights.view(-1)[index]
-        ray = torch.div(index, S, rounding_mode="floor")
+            keep = self.occupancy.occupied_along(o, d, t).view(-1)
+            index = keep.nonzero().squeeze(1)             # kept samples, grouped by ray, in ray order
+            local = torch.div(index, S, rounding_mode="floor")                   # their ray in 0..M-1
+            t = t.view(-1)[index]
+            points = torch.addcmul(o[local], t[:, None], d[local])
+            field = geometry(points)
+            sigma = field["density"].to(points.dtype)
+            tau = sigma * delta[local]
+            weights = (1.0 - torch.exp(-tau)) * torch.exp(-_exclusive_segment_cumsum(tau, local))
+        else:
+            local = torch.arange(m, device=device).repeat_interleave(S)
+            points = torch.addcmul(o[:, None, :], t[..., None], d[:, None, :]).view(-1, 3)
+            field = geometry(points)
+            sigma = field["density"].to(points.dtype)
+            weights = composite_weights(sigma.view(m, S), delta[:, None]).view(-1)
+            t = t.view(-1)
+        ray = rays[local]                                                          # sample -> ray in 0..N-1
+        zeros = points.new_zeros(n, 1)
         out = {
-            "features": points.new_zeros(n, C).index_add(0, ray, w[:, None] * field["features"].to(points.dtype)),
-            "opacity": weights.sum(1, keepdim=True),
-            "depth": (weights * t).sum(1, keepdim=True),
-            "n_evaluated": len(index),
+            "features": points.new_zeros(n, C).index_add(0, ray, weights[:, None] * field["features"].to(points.dtype)),
+            "opacity": zeros.index_add(0, ray, weights[:, None]),
+            "depth": zeros.index_add(0, ray, (weights * t)[:, None]),
+            "n_evaluated": len(points),
         }
         if normals:
             # Only samples that show: a normal costs six more density queries.
-            visible = w.detach() > self.cfg.normal_weight_threshold
-            nrm = geometry.normal(points[index[visible]], self.cfg.normal_eps).to(points.dtype)
-            out["normal"] = points.new_zeros(n, 3).index_add(0, ray[visible], w[visible, None] * nrm)
+            visible = weights.detach() > self.cfg.normal_weight_threshold
+            nrm = geometry.normal(points[visible], self.cfg.normal_eps).to(points.dtype)
+            out["normal"] = points.new_zeros(n, 3).index_add(0, ray[visible], weights[visible, None] * nrm)
         return out
 
     def _background(self, dirs: torch.Tensor, bg_color) -> torch.Tensor:
