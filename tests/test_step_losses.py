@@ -74,7 +74,7 @@ def step_losses(name: str, folder: str) -> list:
 
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
-            records.append({k: float(v) for k, v in out.items() if k.startswith("loss")})
+            records.append({k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items() if k.startswith("loss")})
             return out
 
         exp.system.training_step = spy
