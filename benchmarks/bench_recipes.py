@@ -91,7 +91,7 @@ def run_one(name: str, model: str, out: str) -> dict:
     estimate = None
     try:
         from lift3d.preflight import estimate_step_memory
-        estimate = estimate_step_memory(exp.raw_cfg, system, data)
+        estimate = estimate_step_memory(system, data)
     except ImportError:
         pass
     t0 = time.perf_counter()

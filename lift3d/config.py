@@ -154,6 +154,7 @@ class TrainerConfig:
     log_every: int = 10           # steps between progress-bar loss refreshes
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     num_threads: int = 0          # torch CPU threads (0: torch's default)
+    memory_check: bool = True     # stop before training when a step will not fit in free memory (lift3d/preflight.py)
 
 
 @dataclass
@@ -214,6 +215,8 @@ def resolve_config(name_or_path: str) -> str:
     if os.path.isfile(name_or_path):
         return name_or_path
     found = _packaged(name_or_path)
+    if found is None and os.path.isfile(os.path.join(CONFIG_DIR, name_or_path)):   # recipes/zero123-mini.yaml
+        found = os.path.join(CONFIG_DIR, name_or_path)
     if found is None:
         raise ConfigError(f"config '{name_or_path}' not found: no such file and no packaged config of that name "
                           f"(packaged configs: {', '.join(packaged_configs()) or 'none'})")
@@ -333,9 +336,9 @@ def apply_weights(cfg: DictConfig, overrides: DictConfig, path: str) -> tuple[Di
         cfg.name = name
     rel = os.path.relpath(recipe, CONFIG_DIR) if recipe.startswith(CONFIG_DIR) else recipe
     places = " and ".join(os.path.join(models_dir(), str(n)) for n in weights.values())
-    keys = " / ".join(f"system.guidance.{k}" for k in weights)
+    keys = " ".join(f"system.guidance.{k}=PATH" for k in weights)
     log.warning("no published weights given or found at %s: running %s instead of %s's recipe (%s); for the "
-                "published recipe set %s=PATH or put the weights there ($LIFT3D_MODELS)", places, rel,
+                "published recipe set %s or put the weights there ($LIFT3D_MODELS)", places, rel,
                 os.path.splitext(os.path.basename(path))[0], config_summary(recipe).rstrip("."), keys)
     return cfg, {"recipe": rel, "because": f"no published weights given or found at {places}"}
 
