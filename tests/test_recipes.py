@@ -121,3 +121,16 @@ def test_gpu_check_refuses_without_cuda():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_allocator_failure_ends_as_one_line(capsys):
+    from lift3d import cli
+
+    def oom(argv):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes.")
+
+    assert cli.run(oom, []) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lower system.renderer.train_chunk_samples" in err
+    with pytest.raises(RuntimeError, match="unrelated"):
+        cli.run(lambda argv: (_ for _ in ()).throw(RuntimeError("unrelated")), [])
