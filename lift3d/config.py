@@ -334,10 +334,11 @@ def apply_weights(cfg: DictConfig, overrides: DictConfig, path: str) -> tuple[Di
     cfg.pop("weights", None)
     if name is not None:
         cfg.name = name
-    rel = os.path.relpath(recipe, CONFIG_DIR) if recipe.startswith(CONFIG_DIR) else recipe
+    real, pkg = os.path.realpath(recipe), os.path.realpath(CONFIG_DIR)
+    rel = os.path.relpath(real, pkg) if real.startswith(pkg + os.sep) else recipe
     places = " and ".join(os.path.join(models_dir(), str(n)) for n in weights.values())
     keys = " ".join(f"system.guidance.{k}=PATH" for k in weights)
-    log.warning("no published weights given or found at %s: running %s instead of %s's recipe (%s); for the "
+    log.warning("no published weights given or found at %s: running %s instead of %s's recipe: %s; for the "
                 "published recipe set %s or put the weights there ($LIFT3D_MODELS)", places, rel,
                 os.path.splitext(os.path.basename(path))[0], config_summary(recipe).rstrip("."), keys)
     return cfg, {"recipe": rel, "because": f"no published weights given or found at {places}"}
