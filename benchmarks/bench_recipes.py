@@ -69,6 +69,15 @@ def overrides_for(name: str, model: str, out: str) -> list[str]:
 # --------------------------------------------------------------------------- one config (a subprocess)
 
 
+def train_step(system, optimizer, views, step: int) -> None:
+    """One optimiser step, as the runner takes it."""
+    out = system.training_step(views, step)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    system.on_after_backward(optimizer, step)
+    optimizer.step()
+
+
 def weights_gib(model) -> float:
     """The model's own resident size: its parameters and buffers."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -127,11 +136,7 @@ def run_one(name: str, model: str, out: str) -> dict:
         unet[0] = 0.0
         with PeakRSS() as mem:
             start = time.perf_counter()
-            out_ = system.training_step(views, step)
-            optimizer.zero_grad(set_to_none=True)
-            out_["loss"].backward()
-            system.on_after_backward(optimizer, step)
-            optimizer.step()
+            train_step(system, optimizer, views, step)
             seconds = time.perf_counter() - start
         if stages == 1 and step == 0:
             continue   # warm-up step of a single-stage recipe

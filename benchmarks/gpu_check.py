@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_recipes import CONFIGS, build_model, model_dir, overrides_for  # noqa: E402
+from bench_recipes import CONFIGS, build_model, model_dir, overrides_for, train_step  # noqa: E402
 
 
 def run(name: str, dtype: str, model: str, steps: int, out: str) -> list[dict]:
@@ -51,11 +51,7 @@ def run(name: str, dtype: str, model: str, steps: int, out: str) -> list[dict]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out_ = system.training_step(views, step)
-        optimizer.zero_grad(set_to_none=True)
-        out_["loss"].backward()
-        system.on_after_backward(optimizer, step)
-        optimizer.step()
+        train_step(system, optimizer, views, step)
         torch.cuda.synchronize()
         if step:   # step 0 warms up kernels and allocator
             rows.append({"config": name, "dtype": dtype, "milestone": f"{len(views)}x{views.height}px",
