@@ -4,6 +4,8 @@ of a step spent outside the UNet, per config and milestone, as a Markdown table.
 
     python benchmarks/bench_recipes.py                       # every config (about an hour on 2 CPU cores)
     python benchmarks/bench_recipes.py zero123-sds oracle    # some of them
+    python benchmarks/bench_recipes.py --out DIR ...; python benchmarks/bench_recipes.py --table DIR
+                                                             # keep each result; one table of several runs
 
 The model (``random_zero123("full")``: 859 M UNet, 84 M VAE, CLIP ViT-L/14) is built once and saved as
 a kxic-layout folder under ``$LIFT3D_CACHE_DIR/bench/zero123-full-random`` (default ``~/.cache/lift3d``);
@@ -182,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--model", default="", help="a model folder (default: build the full random one)")
+    parser.add_argument("--out", default="", help="keep each config's result as OUT/CONFIG.json")
+    parser.add_argument("--table", default="", metavar="DIR", help="only print the table of the results in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,6 +195,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
+    if args.table:
+        files = sorted(f for f in os.listdir(args.table) if f.endswith(".json"))
+        results = [json.load(open(os.path.join(args.table, f))) for f in files]
+        print(table(sorted(results, key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else 99)))
+        return
     model = args.model or model_dir()
     start = time.perf_counter()
     if not args.model:
@@ -198,15 +207,18 @@ def main() -> None:
     results = []
     for name in args.configs:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            # The child's stderr passes through: its rows show as they come.
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model", model,
-                                   "--json", tmp.name], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                   "--json", tmp.name], cwd=ROOT, stdout=subprocess.DEVNULL)
             if proc.returncode == 0:
                 with open(tmp.name) as f:
                     results.append(json.load(f))
             else:
-                last = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
-                results.append({"config": name, "error": last})
+                results.append({"config": name, "error": f"exit code {proc.returncode} (its stderr is above)"})
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(results[-1], f)
         print(table(results[-1:]).splitlines()[-1] if "error" in results[-1] else
               f"{name}: done ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
     print()
