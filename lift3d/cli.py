@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Callable, Optional
 
@@ -123,6 +124,12 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:   # the pre-flight estimate (lift3d/preflight.py) was too low
+        if not isinstance(e, MemoryError) and not re.search(r"can't allocate memory|out of memory", str(e)):
+            raise
+        print("error: out of memory during the run: lower system.renderer.train_chunk_samples, data.batch_size or "
+              "data.reference_height (see lift3d/preflight.py)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lift3d.config import ExperimentConfig, parse_config
 from lift3d.errors import UserError
+from lift3d.preflight import check_memory
 from lift3d.registry import find
 from lift3d.systems.base import RunContext
 from lift3d.trial import TrialLock, config_differences, load_checkpoint, trial_dir_for
@@ -206,6 +207,7 @@ class Experiment:
 
         t = self.exp.trainer
         self.data.reference_view()  # bad input fails here, before a model loads
+        check_memory(self)          # so does a run that would not fit in memory (lift3d/preflight.py)
         if self.exp.resume:
             self.restore(self.exp.resume, with_optimizer=True)
         else:

@@ -147,7 +147,8 @@ def test_guidance_gives_gradients(models, tmp_path, method, coarse):
 
 
 def test_swapping_from_zero123_sjc_is_one_line():
-    cfg = load_config(os.path.join(CONFIGS, "zero123-sjc.yaml"), ["system.guidance_type=cascade-zero123"])
+    cfg = load_config(os.path.join(CONFIGS, "zero123-sjc.yaml"), ["system.guidance_type=cascade-zero123",
+                                                                  "system.guidance.pretrained_model_name_or_path=/w/b"])
     parsed = parse_config(CascadeZero123.Config, cfg.system.guidance, "system.guidance")
     assert parsed.method == "sjc" and parsed.guidance_scale == 100.0
 

@@ -122,10 +122,14 @@ def test_packaged_config_loads_outside_the_repository_with_packaged_examples(tmp
     from lift3d.config import PACKAGE_DIR
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("cascade-zero123")                            # extends zero123-sjc-cpu -> zero123-sjc
-    assert cfg.name == "cascade-zero123" and cfg.system.guidance_type == "cascade-zero123"
+    monkeypatch.setenv("LIFT3D_MODELS", str(tmp_path / "models"))
+    cfg = load_config("zero123-sjc-cpu")                  # extends recipes/zero123-mini.yaml, runs its example
+    assert cfg.name == "zero123-sjc-cpu" and cfg.system.guidance_type == "zero123-sjc"
     assert cfg.data.image_path == os.path.join(PACKAGE_DIR, "examples", "mushroom_rgba.png")
     assert os.path.isfile(cfg.data.image_path) and os.path.isfile(cfg.data.gt_mesh)
+    cfg = load_config("cascade-zero123")                  # no published weights: the packaged recipes/cascade-mini.yaml
+    assert cfg.name == "cascade-zero123" and cfg.system.guidance_type == "cascade-zero123"
+    assert os.path.isdir(cfg.system.guidance.refiner_name_or_path)
     cfg = load_config("oracle", ["image=${pkg:examples/car_rgba.png}"])
     assert cfg.data.image_path == os.path.join(PACKAGE_DIR, "examples", "car_rgba.png")
     with pytest.raises(ConfigError, match="no file examples/nope.png"):

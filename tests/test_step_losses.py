@@ -23,10 +23,11 @@ COMMON = [f"trainer.max_steps={STEPS}", "trainer.val_every=0", "trainer.ckpt_eve
 SMALL = {
     # RGB fields scored by a 64-px tiny model: 16 px random views.
     "zero123-sjc-cpu": ["data.height=16", "data.width=16", "system.geometry.grid_size=16"],
-    "cascade-zero123": ["data.height=16", "data.width=16", "system.geometry.grid_size=16",
-                        "system.guidance.prompt_steps=2", "system.guidance.prompt_cache_dir=none"],
     # 3drec: a latent field rendered at the tiny model's 8x8 latent size (reference 64 px -> 8x8).
     "zero123-sjc": ["data.height=8", "data.width=8", "system.geometry.grid_size=16"],
+    # 3drec scored by the refiner (cascade-zero123.yaml is the published-size recipe since issue 13).
+    "cascade-zero123": ["data.height=8", "data.width=8", "system.geometry.grid_size=16",
+                        "system.guidance.prompt_steps=2", "system.guidance.prompt_cache_dir=none"],
     # threestudio's milestones, shrunk: 8 -> 16 -> 16 px at steps 2 and 4.
     "zero123-sds": ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]",
                     "data.batch_size=[2,1,1]", "system.geometry.n_levels=4", "system.geometry.log2_hashmap_size=12"],
