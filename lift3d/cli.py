@@ -124,19 +124,13 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130
-    except (MemoryError, RuntimeError) as e:   # the pre-flight estimate (lift3d/preflight.py) was too low
-        if not isinstance(e, MemoryError) and not re.search(r"can't allocate memory|out of memory", str(e)):
-            raise
-        print("error: out of memory during the run: lower system.renderer.train_chunk_samples, data.batch_size or "
-              "data.reference_height (see lift3d/preflight.py)", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except MemoryError as e:
+    except MemoryError as e:   # the pre-flight estimate (lift3d/preflight.py) was too low
         return _out_of_memory(e)
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError ("CUDA out of memory" in older torch)
-        if "out of memory" not in str(e).lower():
+        if not re.search(r"can't allocate memory|out of memory", str(e), re.IGNORECASE):
             raise
         return _out_of_memory(e)
     except OSError as e:       # a full disk, a read-only or vanished folder: what the system said, on one line
