@@ -60,8 +60,10 @@ class FlatPreset(ScoreDistillation):
                    pick(self.prior_class.Config), path, path)
 
 
-RENDER_SPACE = ("render_space", str, "auto")
-ENCODE_CHUNK = ("encode_chunk", int, 1)
+# The guidance's own keys, with ScoreDistillation's types and defaults (one place to change them).
+_GUIDANCE_TYPES = typing.get_type_hints(ScoreDistillation.Config)
+RENDER_SPACE, ENCODE_CHUNK = ((f.name, _GUIDANCE_TYPES[f.name], f.default) for f in dataclasses.fields(ScoreDistillation.Config)
+                              if f.name in ("render_space", "encode_chunk"))
 
 
 @register("zero123-sds", "guidance")
