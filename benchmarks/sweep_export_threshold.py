@@ -45,7 +45,8 @@ def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_re
     geometry = exp.system.geometry
     radius = float(geometry.cfg.radius)
     grid = geometry.density_grid(export.resolution).detach().cpu().numpy()
-    grid = prepare_grid(grid, export.smooth, export.upsample, export.blur_kernel, export.erode)
+    grid = prepare_grid(grid, export.smooth, export.upsample, export.blur_kernel, export.erode,
+                        export.blur_sigma)
     print(f"\n{trial} (step {exp.step}) vs {gt}\ndensity grid {grid.shape[0]}^3 over radius {radius}: mean "
           f"{grid.mean():.3f}, max {grid.max():.3f}, percentiles 50/90/99: "
           f"{np.percentile(grid, [50, 90, 99]).round(3).tolist()}")

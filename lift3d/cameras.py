@@ -63,12 +63,16 @@ def look_at(eye: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.T
 
 @dataclass
 class Cameras:
-    """A batch of B pinhole cameras that share one image size."""
+    """A batch of B pinhole cameras that share one image size.
+
+    ``pixel_shift`` (x, y), in pixels, moves every pixel centre off the regular grid: a strided
+    subset of a larger image's pixels is a smaller camera with a shift (``strided``)."""
 
     c2w: torch.Tensor          # (B, 4, 4)
     fovy_deg: torch.Tensor     # (B,)
     height: int
     width: int
+    pixel_shift: tuple = (0.0, 0.0)
 
     @classmethod
     def from_spherical(cls, elevation_deg, azimuth_deg, distance, fovy_deg, height: int, width: int) -> "Cameras":
@@ -84,19 +88,31 @@ class Cameras:
     def __getitem__(self, index) -> "Cameras":
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Cameras(self.c2w[index], self.fovy_deg[index], self.height, self.width)
+        return Cameras(self.c2w[index], self.fovy_deg[index], self.height, self.width, self.pixel_shift)
 
     def to(self, device) -> "Cameras":
-        return Cameras(self.c2w.to(device), self.fovy_deg.to(device), self.height, self.width)
+        return Cameras(self.c2w.to(device), self.fovy_deg.to(device), self.height, self.width, self.pixel_shift)
 
     def with_size(self, height: int, width: int) -> "Cameras":
+        """The same views at another image size (the same field of view, pixels on the regular grid)."""
         return Cameras(self.c2w, self.fovy_deg, int(height), int(width))
+
+    def strided(self, stride: int, row: int, col: int) -> "Cameras":
+        """The pixels (row + stride * i, col + stride * j) of these views as cameras of their own
+        (H / stride x W / stride): the same rays, so a render of them is that subset of the full render."""
+        if self.height % stride or self.width % stride or not (0 <= row < stride and 0 <= col < stride):
+            raise ValueError(f"cannot take every {stride}th pixel from ({row}, {col}) of a "
+                             f"{self.height}x{self.width} image")
+        # Pixel j of the small image has its centre at stride * (j + 0.5) - stride / 2 in the big one's
+        # centred coordinates; the shift moves it to col + 0.5 + stride * j.
+        shift = tuple((o + 0.5 - stride / 2) / stride + s / stride for o, s in zip((col, row), self.pixel_shift))
+        return Cameras(self.c2w, self.fovy_deg, self.height // stride, self.width // stride, shift)
 
     @staticmethod
     def cat(cameras: Sequence["Cameras"]) -> "Cameras":
-        assert len({(c.height, c.width) for c in cameras}) == 1, "cameras must share an image size"
+        assert len({(c.height, c.width, c.pixel_shift) for c in cameras}) == 1, "cameras must share an image size"
         return Cameras(torch.cat([c.c2w for c in cameras]), torch.cat([c.fovy_deg for c in cameras]),
-                       cameras[0].height, cameras[0].width)
+                       cameras[0].height, cameras[0].width, cameras[0].pixel_shift)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +148,8 @@ class Cameras:
         """(B, 3, 3) pixel intrinsics in the OpenCV sense (x right, y down), pixel centres at +0.5."""
         K = torch.zeros(len(self), 3, 3, device=self.device)
         K[:, 0, 0] = K[:, 1, 1] = self.focal
-        K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = self.width / 2, self.height / 2, 1.0
+        K[:, 0, 2], K[:, 1, 2] = self.width / 2 - self.pixel_shift[0], self.height / 2 - self.pixel_shift[1]
+        K[:, 2, 2] = 1.0
         return K
 
     def rays(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +157,8 @@ class Cameras:
         i, j = torch.meshgrid(torch.arange(self.height, device=self.device, dtype=torch.float32),
                               torch.arange(self.width, device=self.device, dtype=torch.float32), indexing="ij")
         f = self.focal.view(-1, 1, 1)
-        dirs = torch.stack([((j + 0.5 - self.width / 2) / f), (-(i + 0.5 - self.height / 2) / f),
+        sx, sy = self.pixel_shift
+        dirs = torch.stack([((j + 0.5 + sx - self.width / 2) / f), (-(i + 0.5 + sy - self.height / 2) / f),
                             -torch.ones_like(j).expand_as(f * j)], -1)          # (B, H, W, 3) camera frame
         dirs = F.normalize(torch.einsum("bij,bhwj->bhwi", self.c2w[:, :3, :3], dirs), dim=-1)
         origins = self.position.view(-1, 1, 1, 3).expand_as(dirs)

@@ -53,3 +53,21 @@ def test_sampling_ranges_and_orbits():
     ring = orbit_views(16, 30, 1.5, 49.1, 8, 8)
     assert torch.allclose(ring.azimuth_deg[:4], torch.tensor([0.0, 22.5, 45.0, 67.5]), atol=1e-4)
     assert len(ring[3]) == 1 and ring[2:5].c2w.shape == (3, 4, 4)
+
+
+def test_strided_cameras_are_that_subset_of_the_rays():
+    # The reference view's reference_stride renders these: a 2x2 (or 4x4) subset of a full image's rays.
+    cams = Cameras.from_spherical([30, -5], [40, 200], 1.5, 49.13, 16, 12)
+    _, dirs = cams.rays()
+    for row in range(2):
+        for col in range(2):
+            sub = cams.strided(2, row, col)
+            assert (sub.height, sub.width) == (8, 6)
+            assert torch.equal(sub.rays()[1], dirs[:, row::2, col::2])
+    nested = cams.strided(2, 1, 0).strided(2, 1, 1)          # rows 1 + 2 * (1 + 2i), cols 0 + 2 * (1 + 2j)
+    assert torch.allclose(nested.rays()[1], dirs[:, 3::4, 2::4], atol=1e-7)
+    # The principal point moves with the shift: K maps a sub-pixel centre to the full image's ray.
+    K = cams.strided(2, 1, 1).intrinsics()[0]
+    assert K[0, 2].item() == pytest.approx(6 / 2 - (1 + 0.5 - 1) / 2)
+    with pytest.raises(ValueError):
+        cams.strided(5, 0, 0)                 # 16 x 12 has no 5th-pixel grid

@@ -168,6 +168,7 @@ def cli(*args, cwd=ROOT):
     (["system.geometry_type=voxel-rff"], "voxel-rf"),
     (["trainer.max_steps=many"], "trainer.max_steps"),
     (["resume=/no/such.ckpt"], "checkpoint not found"),
+    (["system.reference_stride=3"], "reference_stride"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_config, disc_png, extra, message):
     base = [f"image={disc_png}", f"exp_root_dir={tmp_path}"]

@@ -9,7 +9,8 @@ matches 3drec's un-jittered marching), and composite:
 with t the distance from the camera along the unit ray direction.
 
 Empty-space skipping: once the occupancy grid (occupancy.py) is built, at step
-``occ_warmup_steps`` and then every ``occ_update_every`` steps in ``update_step``, only samples in
+``occ_warmup_steps`` and then every ``occ_update_every`` steps in ``update_step`` (and 1, 2, 4, ...
+steps after the warm-up, while the field changes fastest), only samples in
 occupied cells are kept: the field, the transmittance (a cumulative sum per ray over the kept
 samples, which is the dense one since skipped samples have sigma = 0) and the sums are computed on
 them alone, so the cost follows the occupied volume. Rays that miss the box cost nothing. A field that starts as
@@ -141,7 +142,10 @@ class VolumeRenderer(PluginModule):
         c = self.cfg
         if not c.use_occupancy_grid or step < c.occ_warmup_steps:
             return
-        if step % max(c.occ_update_every, 1) == 0 or not self.occupancy.ready:
+        every, since = max(c.occ_update_every, 1), step - c.occ_warmup_steps
+        # Also at 1, 2, 4, 8 ... steps after the warm-up: a fresh field changes fastest in its first steps.
+        early = 0 < since < every and since & (since - 1) == 0
+        if step % every == 0 or early or not self.occupancy.ready:
             self.update_occupancy()
 
     def update_occupancy(self, jitter: bool = True) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lift3d.cameras import Cameras, look_at
 from lift3d.config import C, schedulable
-from lift3d.errors import UserError
+from lift3d.errors import ConfigError, UserError
 from lift3d.export.mesh import ExportConfig
 from lift3d.guidance.base import GuidanceContext
 from lift3d.registry import find, register
@@ -71,6 +71,9 @@ class ImageTo3D(BaseSystem):
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
         export: ExportConfig = field(default_factory=ExportConfig)
         near_view_offset: float = 0.05               # eye displacement of the near view (world units)
+        # Render the reference view on every s-th pixel row and column, at a random phase each step:
+        # 1/s^2 of its rays per step, every pixel once per s^2 steps on average. (RGB fields only.)
+        reference_stride: int = 1
 
     def __init__(self, cfg: Any = None, path: str = "system"):
         super().__init__(cfg, path)
@@ -81,6 +84,9 @@ class ImageTo3D(BaseSystem):
         self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
                                                           background=self.background, path=f"{path}.renderer")
         self.guidance = None  # built by prepare_guidance: --test and --export never load it
+        if c.reference_stride < 1 or (c.reference_stride > 1 and self.latent_field):
+            raise ConfigError(f"{path}.reference_stride must be a whole number >= 1 (and 1 for a latent field, "
+                              f"whose reference render is decoded as a whole), got {c.reference_stride}")
 
     # ------------------------------------------------------------------ setup
 
@@ -95,6 +101,11 @@ class ImageTo3D(BaseSystem):
     def setup(self, data, context: RunContext, train: bool) -> None:
         super().setup(data, context, train)
         if train:
+            stride, camera = self.cfg.reference_stride, self.reference.camera
+            if camera.height % stride or camera.width % stride:
+                raise ConfigError(f"system.reference_stride={stride} does not divide the reference size "
+                                  f"{camera.height}x{camera.width}; pick a divisor or change "
+                                  f"data.reference_height/width")
             self.prepare_guidance(GuidanceContext(device=context.device, trial_dir=context.trial_dir,
                                                   gt_mesh=data.gt_mesh, seed=context.seed))
 
@@ -185,6 +196,14 @@ class ImageTo3D(BaseSystem):
             camera = camera.with_size(camera.height // f, camera.width // f)
         return camera.to(self.device)
 
+    def _reference_pixels(self):
+        """(the reference camera of this step, the matching pixels of a reference image on the device)."""
+        camera, stride = self.reference_camera(), self.cfg.reference_stride
+        if stride == 1:
+            return camera, lambda image: image.to(self.device)
+        row, col = torch.randint(stride, (2,)).tolist()
+        return camera.strided(stride, row, col), lambda image: image[row::stride, col::stride].to(self.device)
+
     def training_step(self, views: Cameras, step: int) -> dict:
         """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
         reference = self.reference
@@ -196,13 +215,14 @@ class ImageTo3D(BaseSystem):
 
         # 1. Reference view. A latent field renders at latent resolution and is decoded to RGB.
         if w["rgb"] or w["mask"] or w["depth_smooth_ref"]:
-            out = self.render(self.reference_camera(), bg_color=None if self.latent_field else self._white())
+            camera, pixels = self._reference_pixels()
+            out = self.render(camera, bg_color=None if self.latent_field else self._white())
             if w["rgb"]:
                 rgb = self.to_rgb(out["comp_rgb"])
-                target = resize(reference.rgb.to(self.device)[None], rgb.shape[1:3], mode="area", channels_last=True)
+                target = resize(pixels(reference.rgb)[None], rgb.shape[1:3], mode="area", channels_last=True)
                 terms["rgb"] = losses.masked_rgb_mse(rgb, target)
             if w["mask"]:
-                mask = resize(reference.mask.to(self.device)[None], out["opacity"].shape[1:3], mode="area",
+                mask = resize(pixels(reference.mask)[None], out["opacity"].shape[1:3], mode="area",
                               channels_last=True)
                 terms["mask"] = losses.mask_mse(out["opacity"], mask)
             if w["depth_smooth_ref"]:
