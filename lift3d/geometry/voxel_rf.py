@@ -61,14 +61,13 @@ class VoxelRadianceField(BaseGeometry):
         batch entry per thread against the same (expanded) grid. 600k samples of a 96^3 x 4 grid on
         2 cores: forward 75 -> 42 ms, backward 206 -> 121 ms, the same gradient."""
         n, channels = len(points), grid.shape[1]
-        parts = min(torch.get_num_threads(), n // 8192) if grid.device.type == "cpu" else 1
+        parts = max(1, min(torch.get_num_threads(), n // 8192)) if grid.device.type == "cpu" else 1
         coords = (points / self.cfg.radius).to(grid.dtype)
         if parts > 1:
             coords = F.pad(coords, (0, 0, 0, (-n) % parts))
-            grid = grid.expand(parts, -1, -1, -1, -1)
-        out = F.grid_sample(grid, coords.view(max(parts, 1), -1, 1, 1, 3), mode="bilinear", padding_mode="border",
-                            align_corners=False)
-        return out.view(max(parts, 1), channels, -1).transpose(1, 2).reshape(-1, channels)[:n]
+        out = F.grid_sample(grid.expand(parts, -1, -1, -1, -1), coords.view(parts, -1, 1, 1, 3), mode="bilinear",
+                            padding_mode="border", align_corners=False)
+        return out.view(parts, channels, -1).transpose(1, 2).reshape(-1, channels)[:n]
 
     def activate_density(self, raw: torch.Tensor) -> torch.Tensor:
         return F.softplus(raw * torch.exp(self.d_scale) + self.cfg.density_shift)
