@@ -9,7 +9,11 @@ traceback half-way into step 0. The estimate adds up:
   holds one checkpointed chunk at a time, smaller ones are held whole until backward;
 - ``vae``: the VAE encoder (RGB renders, ``encode_chunk`` images at a time) or decoder (a latent field's
   reference view) with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
-- ``baseline``: Python, torch and the model libraries.
+- ``unet``: the UNet's forward pass (no gradients) on the guidance batch, both halves of classifier-free
+  guidance, from the batch size, the latent size and the block widths (``UNET_GIB_PER_VIEW``, measured);
+- ``baseline``: Python, torch and the model libraries;
+- ``margin``: 5 % of the rest, for the allocator's slack (the sum alone was up to 0.05 GiB under the
+  measured peak of ``zero123-sjc``).
 ``benchmarks/bench_recipes.py`` prints this estimate next to the measured peaks.
 ``trainer.memory_check: false`` skips the check.
 """
@@ -28,7 +32,12 @@ BASELINE_GIB = 0.8
 # Bytes held for backward per rendered sample (forward + backward of a 2^21-sample render, CPU, fp32).
 BYTES_PER_SAMPLE = {"hashgrid-nerf": 3300, "voxel-rf": 200}
 NORMALS_FACTOR = 1.9            # hash grid with normals: 6.0 KB per sample instead of 3.2 KB
+MARGIN = 0.05
 VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element of each layer
+# Peak extra RSS of one guidance view (a conditional + an unconditional latent) through the published
+# 859 M UNet at 32x32 latents, CPU fp32, no gradients: 0.37 GiB for 4 views, 1.19 GiB for 12.
+UNET_GIB_PER_VIEW = 0.1
+UNET_WIDTHS = (320, 640, 1280, 1280)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -59,12 +68,23 @@ def weights_gib(path: str, variant: Optional[str] = None) -> float:
     return total / GIB
 
 
-def _vae_config(model_path: str) -> dict:
-    path = os.path.join(os.path.expanduser(str(model_path or "")), "vae", "config.json")
+def _model_config(model_path: str, part: str, default: dict) -> dict:
+    path = os.path.join(os.path.expanduser(str(model_path or "")), part, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    return {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 256}  # Stable Diffusion
+    return default   # a .ckpt or a hub id: Stable Diffusion's, as all published Zero123 models
+
+
+def _vae_config(model_path: str) -> dict:
+    return _model_config(model_path, "vae", {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                                             "sample_size": 256})
+
+
+def unet_gib(unet: dict, views: int, latent_pixels: int) -> float:
+    """Peak activations of a no-gradient UNet pass on ``views`` guidance views (CFG: two latents each)."""
+    width = sum(unet.get("block_out_channels", UNET_WIDTHS)) / sum(UNET_WIDTHS)
+    return views * UNET_GIB_PER_VIEW * width * latent_pixels / 32 ** 2
 
 
 def vae_gib(vae: dict, images: int, decoder: bool) -> float:
@@ -106,10 +126,14 @@ def estimate_step_memory(system, data) -> Estimate:
     factor = 8 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
     c = data.cfg
     ref = c.reference_height * c.reference_width // (factor ** 2 if system.latent_field else 1)
-    worst = 0.0
+    worst, worst_unet = 0.0, 0.0
+    unet = _model_config(paths[0], "unet", {}) if vae is not None else None
     for stage in range(len(c.resolution_milestones) + 1):
         data._stage = stage
         h, w = data.guidance_size
+        if unet is not None:   # an RGB render is resized to the model's input; a latent field is the latent
+            latent = h * w if system.latent_field else (int(vae.get("sample_size", 256)) // factor) ** 2
+            worst_unet = max(worst_unet, unet_gib(unet, data.batch_size, latent))
         renders = [(ref * S, 1.0), (data.batch_size * h * w * S, NORMALS_FACTOR if normals else 1.0)]
         if _nonzero(loss.lambda_near_view):
             renders.append(renders[-1])
@@ -118,6 +142,9 @@ def estimate_step_memory(system, data) -> Estimate:
         worst = max(worst, (held + chunk) * per_sample / GIB)
     data._stage = 0
     est.parts["render"] = worst
+    if unet is not None:
+        est.parts["unet"] = worst_unet
+        est.settings["unet"] = f"data.batch_size (now {c.batch_size})"
     est.settings["render"] = (f"system.renderer.train_chunk_samples (now {budget})" if budget else
                               f"system.renderer.num_samples_per_ray (now {S}) or set train_chunk_samples")
     if vae is not None:
@@ -128,6 +155,7 @@ def estimate_step_memory(system, data) -> Estimate:
             n = min(int(guidance.get("encode_chunk", 1)), max(int(v) for v in _staged_list(c.batch_size)))
             est.parts["vae"] = vae_gib(vae, n, decoder=False)
             est.settings["vae"] = f"system.guidance.encode_chunk (now {guidance.get('encode_chunk', 1)})"
+    est.parts["margin"] = MARGIN * est.total_gib
     return est
 
 

@@ -105,12 +105,27 @@ def test_a_run_that_does_not_fit_stops_before_the_model_loads(tmp_path, monkeypa
     cfg = load_config("zero123-sjc-cpu", [f"exp_root_dir={tmp_path}", "use_timestamp=false"])
     exp = Experiment(cfg)
     est = preflight.estimate_step_memory(exp.system, exp.data)
-    assert set(est.parts) == {"baseline", "model", "render", "vae"} and 0 < est.parts["model"] < 0.1
+    assert set(est.parts) == {"baseline", "model", "render", "vae", "unet", "margin"} and 0 < est.parts["model"] < 0.1
     monkeypatch.setattr(preflight, "available_gib", lambda: 1.0)
     monkeypatch.setattr(preflight, "_vm_bytes", lambda key: 0)
     with pytest.raises(UserError, match="lower system.renderer.train_chunk_samples") as e:
         exp.train()
     assert "\n" not in str(e.value) and exp.system.guidance is None and exp.step == 0
+
+
+def test_memory_estimate_counts_the_guidance_batch_through_the_unet(tmp_path):
+    from lift3d.preflight import estimate_step_memory
+    from lift3d.runner import Experiment
+
+    def parts(batch):
+        cfg = load_config("zero123-sds", [f"exp_root_dir={tmp_path}", "use_timestamp=false", f"data.batch_size={batch}",
+                                          "data.resolution_milestones=[]"])
+        exp = Experiment(cfg)
+        return estimate_step_memory(exp.system, exp.data).parts
+
+    small, large = parts(4), parts(12)
+    assert large["unet"] == pytest.approx(3 * small["unet"]) and small["unet"] > 0
+    assert large["margin"] == pytest.approx(0.05 / 1.05 * sum(large.values()))
 
 
 def test_gpu_check_refuses_without_cuda():
