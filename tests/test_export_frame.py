@@ -141,6 +141,24 @@ def test_choose_level_matches_the_reference_silhouette():
     assert choose_level(grid, 0.6, camera, small_mask) > level
 
 
+def test_choose_level_keeps_a_faint_shell_the_mask_asks_for():
+    # A dense core (density 40, radius 0.2) in a faint shell (density 3, radius 0.35): a distilled field's
+    # thin core in its haze. The field renders the core (a ray through the shell alone reaches opacity
+    # 1 - exp(-3 * 0.3) ~ 0.6 at most), but when the mask is the shell's silhouette, the level keeps the shell.
+    n, radius = 64, 0.6
+    c = (np.arange(n) + 0.5) / n * 2 * radius - radius
+    r = np.linalg.norm(np.stack(np.meshgrid(c, c, c, indexing="ij"), -1), axis=-1)
+    grid = np.where(r < 0.2, 40.0, np.where(r < 0.35, 3.0, 0.0)).astype(np.float32)
+    camera = Cameras.from_spherical(30.0, 0.0, 1.5, 49.13, 64, 64)
+
+    def mask(sphere_radius):
+        return MeshRaycaster(trimesh.creation.icosphere(4, sphere_radius)).render(camera)["rgba"][0, ..., 3:]
+
+    shell = choose_level(grid, radius, camera, mask(0.35))
+    core = choose_level(grid, radius, camera, mask(0.2))
+    assert 0 < shell < 3 < core < 40
+
+
 def test_make_manifold_splits_touching_boxes():
     # Two boxes sharing one edge: after merging, that edge has four faces.
     a = trimesh.creation.box(bounds=[[0, 0, 0], [1, 1, 1]])

@@ -1,26 +1,36 @@
 """The export iso-level chosen from the trained field itself: where renders of the field put its surface.
 
-A volume renderer shows a surface where a ray's transmittance falls to one half (opacity 1/2).
-An iso-surface at level L puts it where the ray first meets density > L. :func:`choose_level`
-ray-marches the density grid that the exporter samples (no renderer, no model) along the rays
-of some cameras and picks the L whose first hits agree best with the opacity-1/2 depths:
+An iso-surface at level L shows, along each camera ray, the first point where the density exceeds
+L. :func:`choose_level` ray-marches the density grid that the exporter samples (no renderer, no
+model) along the rays of some cameras and picks the L whose surface agrees best with them:
 
-    score(L) = #rays whose L-hit lies within ``tolerance`` of the opacity-1/2 depth, and inside the mask
-               / #rays inside the mask or hit at level L
+- **with the reference view's mask** (the silhouette the user asked for): the L whose silhouette
+  (the rays that meet density > L) has the highest IoU with the mask;
+- **without one**: the field's own opacity-1/2 surface from the given cameras (a ring of views).
+  A volume renderer shows a surface where a ray's transmittance falls to one half; the score is
 
-an IoU of silhouettes that also asks the depth to match. The mask is the reference image's
-alpha when a reference view is given (the silhouette the user asked for), else the field's own
-opacity > 1/2 from the given cameras. The level is the best-scoring one of a log-spaced set
-between 1/1000 of the grid maximum and just below it, so it never leaves the field empty;
-then capped by a hole guard: at most the 5th percentile of the peak density along the rays the
-field renders solid (opacity > 0.9; these cameras and ``guard_cameras``, e.g. a ring around the
-object), so that parts fainter than the typical surface (thin stems) are kept.
-Measured with benchmarks/sweep_export_threshold.py: without the guard the level sat on the
-surface the renders show but cut the trained oracle mushroom's stem (volume IoU 0.37 vs 0.80).
+      score(L) = #rays whose L-hit lies within ``tolerance`` of the opacity-1/2 depth
+                 / #rays the field renders half-opaque or hit at level L
+
+  an IoU of silhouettes that also asks the depth to match (a silhouette alone has nothing to match
+  here: the field's own masks come from the same densities).
+
+The level is the best-scoring one of a log-spaced set between 1/1000 of the grid maximum and just
+below it, so it never leaves the field empty; then capped by a hole guard: at most the 5th
+percentile of the peak density along the rays the field renders solid (opacity > 0.9; these
+cameras and ``guard_cameras``, e.g. a ring around the object), so that parts fainter than the
+typical surface (thin stems) are kept.
+
+Measured with benchmarks/sweep_export_threshold.py (benchmarks/RESULTS.md): matching the mask's
+depths as well as its silhouette put the level on the dense core of a distilled field, which is
+thinner than the object (volume IoU 0.21-0.30 against the best level's 0.39-0.53 on the mini
+prior's car and mushroom); the silhouette alone is within 0.01 of the best level on the oracle car
+and the mini mug and mushroom. Without the guard the level cut the oracle mushroom's stem.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -68,7 +78,7 @@ def rendered_depth(sigma: torch.Tensor, t: torch.Tensor, delta: torch.Tensor) ->
 
 
 def level_scores(sigma: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
-                 levels: np.ndarray, tolerance: float) -> np.ndarray:
+                 levels: np.ndarray, *, tolerance: float) -> np.ndarray:
     """score(L) of the module docstring for each level, for all levels at once.
 
     With M_k the running maximum of a ray's densities, level L first hits sample k = the first
@@ -90,6 +100,15 @@ def level_scores(sigma: torch.Tensor, t: torch.Tensor, depth: torch.Tensor, mask
     outside_max = np.sort(running[~mask, -1].numpy())
     false_hits = len(outside_max) - np.searchsorted(outside_max, levels, side="right")
     return agree / np.maximum(float(mask.sum()) + false_hits, 1.0)
+
+
+def silhouette_scores(sigma: torch.Tensor, mask: torch.Tensor, levels: np.ndarray) -> np.ndarray:
+    """IoU of the silhouette at each level (the rays that meet density > L) with the mask."""
+    peak = sigma.amax(1)
+    inside, outside = np.sort(peak[mask].numpy()), np.sort(peak[~mask].numpy())
+    hit_inside = len(inside) - np.searchsorted(inside, levels, side="right")
+    hit_outside = len(outside) - np.searchsorted(outside, levels, side="right")
+    return hit_inside / np.maximum(len(inside) + hit_outside, 1)
 
 
 def silhouette_iou(sigma: torch.Tensor, mask: torch.Tensor, level: float) -> float:
@@ -119,7 +138,8 @@ def _camera_rays(cameras, mask: Optional[torch.Tensor], max_size: int):
 def choose_level(density_grid, grid_bounds: float, reference_camera, reference_mask=None, *,
                  max_size: int = 128, tolerance_cells: float = 1.5, hole_percentile: float = 5.0,
                  guard_cameras=None, details: Optional[dict] = None) -> float:
-    """The iso-level whose surface best matches the field's opacity-1/2 surface seen by the cameras.
+    """The iso-level whose surface best matches the reference mask's silhouette, or without a mask the
+    field's opacity-1/2 surface seen by the cameras (module docstring).
 
     ``density_grid`` (R, R, R) holds densities at the cell centres of [-grid_bounds, grid_bounds]^3,
     indexed [ix, iy, iz] (``geometry.density_grid``). ``reference_camera`` is a Cameras batch
@@ -138,24 +158,29 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     n_samples = int(math.ceil(2 * math.sqrt(3) * resolution))          # about two samples per cell
     sigma, t, delta = march(grid, radius, origins, dirs, n_samples)
     depth, opacity = rendered_depth(sigma, t, delta)
-    if mask is None:
-        mask = opacity > 0.5
     tolerance = tolerance_cells * 2 * radius / resolution
     levels = candidate_levels(grid_max)
-    scores = level_scores(sigma, t, depth, mask, levels, tolerance)
+    if mask is not None:
+        criterion = "silhouette IoU with the reference mask"
+        score = functools.partial(silhouette_scores, sigma, mask)
+    else:
+        criterion = "opacity-1/2 depth agreement with the field's own silhouettes"
+        mask = opacity > 0.5
+        score = functools.partial(level_scores, sigma, t, depth, mask, tolerance=tolerance)
+    scores = score(levels)
     if scores.max() <= 0:
         # Nothing agrees (the field is transparent where the mask is): the silhouette alone decides.
-        scores = np.asarray([silhouette_iou(sigma, mask, float(v)) for v in levels])
+        criterion = "silhouette IoU (no depth agreed)"
+        scores = silhouette_scores(sigma, mask, levels)
     else:
         # Refine between the neighbours of the best coarse level.
         k = int(np.argmax(scores))
         fine = np.geomspace(levels[max(k - 1, 0)], levels[min(k + 1, len(levels) - 1)], 65)
-        levels, scores = np.concatenate([levels, fine]), np.concatenate([scores, level_scores(sigma, t, depth, mask,
-                                                                                              fine, tolerance)])
+        levels, scores = np.concatenate([levels, fine]), np.concatenate([scores, score(fine)])
     best = np.flatnonzero(scores >= scores.max() - 1e-9)
     surface_level = float(np.exp(np.log(levels[best]).mean()))     # the middle of a plateau of equal scores
-    # Hole guard: the opacity-1/2 density is reached on most rays, but fainter parts (thin stems,
-    # sides few training views saw) peak below it and would vanish. Stay below the peak density of
+    # Hole guard: the chosen density is reached on most rays, but fainter parts (thin stems, sides
+    # few training views saw) peak below it and would vanish. Stay below the peak density of
     # 95 % of the solid rays (field opacity > 0.9) of these cameras, and of ``guard_cameras``.
     peaks = [sigma[opacity > 0.9].amax(1)]
     if guard_cameras is not None:
@@ -167,7 +192,8 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     guard = min(guards) if guards else grid_max
     level = min(surface_level, guard) if guard > 0 else surface_level
     if details is not None:
-        details.update(score=float(scores.max()), surface_level=surface_level, hole_guard_level=guard, silhouette_iou=silhouette_iou(sigma, mask, level),
+        details.update(criterion=criterion, score=float(scores.max()), surface_level=surface_level,
+                       hole_guard_level=guard, silhouette_iou=silhouette_iou(sigma, mask, level),
                        mask_source="reference" if reference_mask is not None else "field opacity > 0.5",
                        rays=int(len(origins)), samples_per_ray=n_samples,
                        levels_tried=[float(levels.min()), float(levels.max()), int(len(levels))])

@@ -36,8 +36,8 @@ class ExportConfig:
 
     resolution: int = 128                 # density samples per axis over [-radius, radius]^3
     level: str = "auto"                   # used when threshold and relative_threshold are None (level.py):
-    #   auto: the level matching the reference view's mask and opacity-1/2 depths (8 views of the
-    #   field's own opacity when no reference is given); ring: always the 8 views
+    #   auto: the level whose silhouette best matches the reference view's mask (8 views of the
+    #   field's own opacity-1/2 surface when no reference is given); ring: always the 8 views
     threshold: Optional[float] = None     # absolute density iso-level (wins over everything)
     relative_threshold: Optional[float] = None  # level = this x mean density (3drec used 8)
     # Gaussian blur of the density grid, in grid cells, before the level and marching cubes. On the main
@@ -188,7 +188,7 @@ def auto_level(grid: np.ndarray, radius: float, mode: str = "auto", reference=No
     if reference is not None and mode == "auto":
         level = choose_level(grid, radius, reference.camera, reference.mask, guard_cameras=ring_views(radius),
                              details=details)
-        details["method"] = "auto: reference view's mask and opacity-1/2 depths"
+        details["method"] = "auto: reference view's mask (silhouette IoU)"
     else:
         level = ring_level(grid, radius, details)
         details["method"] = "auto: the field's own opacity-1/2 surface from 8 views" + \
