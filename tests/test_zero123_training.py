@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lift3d.training.data import MultiViewSet, generate_dataset, read_object
-from lift3d.evaluation.image_metrics import gaussian_window, psnr, ssim
+from lift3d.evaluation.image_metrics import psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,8 @@ def test_psnr_and_ssim_hand_checked():
     assert psnr(a, b).item() == pytest.approx(-10 * math.log10(0.0625))
     # Flat images: variances and covariance are 0, so SSIM = (2 μa μb + C1) / (μa² + μb² + C1).
     c1 = 0.01 ** 2
-    assert ssim(a, b).item() == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1), rel=1e-6)
+    # (pytorch-msssim normalises its window in float32: the flat image's variance is ~1e-8, not 0)
+    assert ssim(a, b).item() == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1), rel=1e-5)
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(ssim(x, x), torch.ones(2))
     assert (ssim(x, x.flip(-1)) < 0.5).all()
@@ -133,7 +134,6 @@ def test_psnr_and_ssim_hand_checked():
     s = ((2 * mu_u * mu_v + c1) * (2 * (f(u * v) - mu_u * mu_v) + 0.03 ** 2)) / (
         (mu_u ** 2 + mu_v ** 2 + c1) * (f(u * u) - mu_u ** 2 + f(v * v) - mu_v ** 2 + 0.03 ** 2))
     assert ssim(x[0:1, 0:1], x[1:2, 0:1]).item() == pytest.approx(s.mean(), abs=1e-6)
-    assert gaussian_window().sum().item() == pytest.approx(1.0)
 
 
 def test_ema_is_the_warm_up_average_and_resumes():
