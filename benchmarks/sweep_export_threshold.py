@@ -9,9 +9,9 @@ resolution, then the iso-surface (with the trial's floater / decimation settings
 - ``auto``: lift3d.export.level.choose_level with the trial's reference view (the default);
 - ``ring``: the same without a reference (the field's own opacity from 8 views);
 - the trial's configured level (``system.export.threshold`` / ``relative_threshold``), if any;
-- ``--levels`` log-spaced levels between 1 % and 95 % of the grid's maximum density, and the
-  ``--extra`` absolute levels (a finer grid where the IoU peaks): the best of these is the
-  "best hand-picked level".
+- ``--levels`` log-spaced levels between 1 % and 95 % of the grid's maximum density, the
+  ``--extra`` absolute levels, and ``--refine`` levels between the neighbours of the best of
+  those: the best of all these is the "best hand-picked level".
 
 It prints one row per level and a summary table: volume IoU of auto and ring against the best.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 
 def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_resolution: int,
-                extra: tuple = ()) -> dict:
+                extra: tuple = (), refine: int = 8) -> dict:
     import numpy as np
     import trimesh
 
@@ -61,21 +61,32 @@ def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_re
     named += [("sweep", float(v)) for v in np.geomspace(0.01, 0.95, n_levels) * grid.max()]
     named += [("sweep", float(v)) for v in extra]
     print(f"{'setting':>8} {'level':>9} {'faces':>6} {'chamfer':>8} {'IoU':>7} {'F@0.01':>7} {'F@0.02':>7}")
-    for name, level in named:
+
+    def score(name: str, level: float) -> None:
         try:
             v, f, _ = surface_at_level(grid, radius, level, export.min_component_fraction, export.max_faces)
         except UserError as e:
             print(f"{name:>8} {level:>9.3f} {e}")
             rows.append({"name": name, "level": level, "iou": float("nan")})
-            continue
+            return
         r = evaluate(trimesh.Trimesh(v, f, process=False), gt, protocol, iou_resolutions=(iou_resolution,))
         rows.append({"name": name, "level": level, "iou": r["volume_iou"], "chamfer": r["chamfer_distance"]})
         print(f"{name:>8} {level:>9.3f} {len(f):>6} {r['chamfer_distance']:>8.4f} {r['volume_iou']:>7.4f} "
               f"{r['f_score']['0.01']:>7.3f} {r['f_score']['0.02']:>7.3f}", flush=True)
-    sweep = [r for r in rows if r["name"] == "sweep" and r["iou"] == r["iou"]]
+
+    for name, level in named:
+        score(name, level)
+    # IoU can fall off a cliff within one coarse step (a mug's inside opening): refine between the
+    # neighbours of the best coarse level, so that "best" is not an artefact of the coarse grid.
+    swept = sorted((r for r in rows if r["name"] == "sweep" and r["iou"] == r["iou"]), key=lambda r: r["level"])
+    k = max(range(len(swept)), key=lambda i: swept[i]["iou"])
+    lo, hi = swept[max(k - 1, 0)]["level"], swept[min(k + 1, len(swept) - 1)]["level"]
+    for level in np.geomspace(lo, hi, refine + 2)[1:-1]:
+        score("fine", float(level))
+    sweep = [r for r in rows if r["name"] in ("sweep", "fine") and r["iou"] == r["iou"]]
     best = max(sweep, key=lambda r: r["iou"])
-    get = {r["name"]: r for r in rows if r["name"] != "sweep"}
-    return {"trial": os.path.basename(os.path.normpath(trial)), "auto": get["auto"], "ring": get["ring"],
+    get = {r["name"]: r for r in rows if r["name"] not in ("sweep", "fine")}
+    return {"trial": trial, "auto": get["auto"], "ring": get["ring"],
             "config": get.get("config"), "best": best, "seconds_auto": t_auto}
 
 
@@ -86,11 +97,18 @@ def main() -> int:
     p.add_argument("--levels", type=int, default=24, help="log-spaced levels in the sweep")
     p.add_argument("--protocol", default="surface")
     p.add_argument("--iou-resolution", type=int, default=64)
+    p.add_argument("--refine", type=int, default=8, help="more levels between the neighbours of the best swept one")
     p.add_argument("--extra", default="", help="more absolute levels to sweep, comma-separated (a finer grid)")
     args = p.parse_args()
 
     extra = tuple(float(v) for v in args.extra.split(",") if v)
-    results = [sweep_trial(t, args.gt, args.levels, args.protocol, args.iou_resolution, extra) for t in args.trials]
+    results = [sweep_trial(t, args.gt, args.levels, args.protocol, args.iou_resolution, extra, args.refine)
+               for t in args.trials]
+    # Name each trial by the part of its path that differs from the others' (bench trials share a basename).
+    paths = [os.path.normpath(os.path.abspath(t)) for t in args.trials]
+    common = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    for r, path in zip(results, paths):
+        r["trial"] = os.path.relpath(path, common)
     print(f"\nvolume IoU ({args.protocol} protocol, {args.iou_resolution}^3 grid)")
     print("| trial | auto level | auto IoU | ring level | ring IoU | best swept level | best IoU | auto - best "
           "| config level | config IoU | auto s |")
