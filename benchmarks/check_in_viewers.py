@@ -101,7 +101,7 @@ new GLTFLoader().load("model.glb", (gltf) => {
     if (o.material && o.material.map && o.material.map.image) textured++; } });
   const c = box.getCenter(new THREE.Vector3()), r = box.getSize(new THREE.Vector3()).length();
   const camera = new THREE.PerspectiveCamera(40, 1, 0.01, 100);     // three.js's default up: +y
-  camera.position.set(c.x + 1.6 * r, c.y + 0.5 * r, c.z + 0.6 * r);  // file +x: the reference side
+  camera.position.set(c.x + 1.6 * r, c.y + 0.5 * r, c.z - 0.6 * r);  // world (1.6, 0.6, 0.5): as in Blender
   camera.lookAt(c);
   renderer.render(scene, camera);
   out.textContent = JSON.stringify({ min: box.min.toArray(), max: box.max.toArray(), meshes, normals, textured });
