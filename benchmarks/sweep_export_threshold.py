@@ -11,7 +11,7 @@ resolution, then the iso-surface (with the trial's floater / decimation settings
 - the trial's configured level (``system.export.threshold`` / ``relative_threshold``), if any;
 - ``--levels`` log-spaced levels between 1 % and 95 % of the grid's maximum density, the
   ``--extra`` absolute levels, and ``--refine`` levels between the neighbours of the best of
-  those: the best of all these is the "best hand-picked level".
+  those: the best of all the levels tried (these and the automatic ones) is the "best hand-picked level".
 
 It prints one row per level and a summary table: volume IoU of auto and ring against the best.
 """
@@ -83,8 +83,8 @@ def sweep_trial(trial: str, gt: str | None, n_levels: int, protocol: str, iou_re
     lo, hi = swept[max(k - 1, 0)]["level"], swept[min(k + 1, len(swept) - 1)]["level"]
     for level in np.geomspace(lo, hi, refine + 2)[1:-1]:
         score("fine", float(level))
-    sweep = [r for r in rows if r["name"] in ("sweep", "fine") and r["iou"] == r["iou"]]
-    best = max(sweep, key=lambda r: r["iou"])
+    # Every level tried is one a user could have picked by hand: the automatic ones too.
+    best = max((r for r in rows if r["iou"] == r["iou"]), key=lambda r: r["iou"])
     get = {r["name"]: r for r in rows if r["name"] not in ("sweep", "fine")}
     return {"trial": trial, "auto": get["auto"], "ring": get["ring"],
             "config": get.get("config"), "best": best, "seconds_auto": t_auto}
@@ -110,7 +110,7 @@ def main() -> int:
     for r, path in zip(results, paths):
         r["trial"] = os.path.relpath(path, common)
     print(f"\nvolume IoU ({args.protocol} protocol, {args.iou_resolution}^3 grid)")
-    print("| trial | auto level | auto IoU | ring level | ring IoU | best swept level | best IoU | auto - best "
+    print("| trial | auto level | auto IoU | ring level | ring IoU | best level | best IoU | auto - best "
           "| config level | config IoU | auto s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -12,7 +12,8 @@ import trimesh
 from lift3d.cameras import Cameras
 from lift3d.evaluation.metrics import evaluate
 from lift3d.export.isosurface import make_manifold, manifold_stats, marching_cubes
-from lift3d.export.level import choose_level
+from lift3d.export.isosurface import ring_views
+from lift3d.export.level import Rays, choose_level
 from lift3d.export.mesh import export_mesh
 from lift3d.geometry.base import BaseGeometry
 from lift3d.mesh.io import load_mesh
@@ -157,6 +158,25 @@ def test_choose_level_keeps_a_faint_shell_the_mask_asks_for():
     shell = choose_level(grid, radius, camera, mask(0.35))
     core = choose_level(grid, radius, camera, mask(0.2))
     assert 0 < shell < 3 < core < 40
+
+
+def test_choose_level_leaves_a_cup_open_that_its_silhouette_cannot_see_into():
+    # A cup: walls and floor of density 40 around a cavity open at the top, which holds a faint haze
+    # (density 1.2: a ray through it stays under opacity 1/2). Seen from the side, levels below the
+    # walls' density give silhouettes within a pixel of each other; the ring's views from above see the
+    # floor through the haze, so the level must leave the haze out (and the cup open).
+    n, radius = 64, 0.6
+    c = (np.arange(n) + 0.5) / n * 2 * radius - radius
+    x, y, z = np.meshgrid(c, c, c, indexing="ij")
+    r = np.hypot(x, y)
+    cup = (r < 0.3) & (np.abs(z) < 0.3)
+    cavity = (r < 0.22) & (z > -0.22) & (z < 0.3)
+    grid = np.where(cup & ~cavity, 40.0, np.where(cavity, 1.2, 0.0)).astype(np.float32)
+    side = Cameras.from_spherical(0.0, 0.0, 1.5, 49.13, 64, 64)
+    mask = Rays.cast(torch.as_tensor(grid), radius, side, None, 64, 256).sigma.amax(1).reshape(64, 64) > 1.0
+    details = {}
+    level = choose_level(grid, radius, side, mask, ring_cameras=ring_views(radius), details=details)
+    assert 1.2 < level < 40 and details["silhouette_iou"] > 0.97, (level, details)
 
 
 def test_make_manifold_splits_touching_boxes():

@@ -5,7 +5,10 @@ L. :func:`choose_level` ray-marches the density grid that the exporter samples (
 model) along the rays of some cameras and picks the L whose surface agrees best with them:
 
 - **with the reference view's mask** (the silhouette the user asked for): the L whose silhouette
-  (the rays that meet density > L) has the highest IoU with the mask;
+  (the rays that meet density > L) has the highest IoU with the mask. Among the levels within
+  ``silhouette_slack`` of it (silhouettes within about a pixel along the outline), the one whose
+  surface lies where the field renders it from a ring of views around the object (the depth
+  agreement below): one silhouette cannot see into a concavity such as a mug's inside.
 - **without one**: the field's own opacity-1/2 surface from the given cameras (a ring of views).
   A volume renderer shows a surface where a ray's transmittance falls to one half; the score is
 
@@ -15,23 +18,23 @@ model) along the rays of some cameras and picks the L whose surface agrees best 
   an IoU of silhouettes that also asks the depth to match (a silhouette alone has nothing to match
   here: the field's own masks come from the same densities).
 
-The level is the best-scoring one of a log-spaced set between 1/1000 of the grid maximum and just
-below it, so it never leaves the field empty; then capped by a hole guard: at most the 5th
-percentile of the peak density along the rays the field renders solid (opacity > 0.9; these
-cameras and ``guard_cameras``, e.g. a ring around the object), so that parts fainter than the
-typical surface (thin stems) are kept.
+The levels tried are log-spaced between 1/1000 of the grid maximum and just below it, so the
+field is never left empty; the choice is then capped by a hole guard: at most the 5th percentile
+of the peak density along the rays the field renders solid (opacity > 0.9; the reference's and
+the ring's), so that parts fainter than the typical surface (thin stems) are kept.
 
-Measured with benchmarks/sweep_export_threshold.py (benchmarks/RESULTS.md): matching the mask's
-depths as well as its silhouette put the level on the dense core of a distilled field, which is
-thinner than the object (volume IoU 0.21-0.30 against the best level's 0.39-0.53 on the mini
-prior's car and mushroom); the silhouette alone is within 0.01 of the best level on the oracle car
-and the mini mug and mushroom. Without the guard the level cut the oracle mushroom's stem.
+Measured with benchmarks/sweep_export_threshold.py (benchmarks/RESULTS.md, issue 15): asking the
+reference mask's depths to match as well put the level on the dense core of a distilled field,
+which is thinner than the object (volume IoU 0.18-0.23 below the best level on the mini prior's
+car and mushroom); without the ring's tie-break the level closed the oracle mug's inside (-0.03);
+without the guard it cut the oracle mushroom's stem.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -137,16 +140,17 @@ def _camera_rays(cameras, mask: Optional[torch.Tensor], max_size: int):
 
 def choose_level(density_grid, grid_bounds: float, reference_camera, reference_mask=None, *,
                  max_size: int = 128, tolerance_cells: float = 1.5, hole_percentile: float = 5.0,
-                 guard_cameras=None, details: Optional[dict] = None) -> float:
+                 silhouette_slack: float = 0.005, ring_cameras=None, details: Optional[dict] = None) -> float:
     """The iso-level whose surface best matches the reference mask's silhouette, or without a mask the
     field's opacity-1/2 surface seen by the cameras (module docstring).
 
     ``density_grid`` (R, R, R) holds densities at the cell centres of [-grid_bounds, grid_bounds]^3,
     indexed [ix, iy, iz] (``geometry.density_grid``). ``reference_camera`` is a Cameras batch
     (the reference view, or several views); ``reference_mask`` (H, W[, 1]) or (B, H, W) is the
-    foreground in [0, 1], or None to use the field's own opacity > 1/2. ``details``, if given,
-    receives the score, the silhouette IoU and the levels tried. ``guard_cameras`` (optional
-    Cameras) add rays to the hole guard only.
+    foreground in [0, 1], or None to use the field's own opacity > 1/2. ``ring_cameras`` (optional
+    Cameras around the object) add rays to the hole guard and, with a mask, break the tie between
+    levels whose silhouettes are within ``silhouette_slack`` of the best. ``details``, if given,
+    receives the criterion, the scores, the silhouette IoU and the levels tried.
     """
     grid = torch.as_tensor(np.asarray(density_grid), dtype=torch.float32).cpu()
     radius = float(grid_bounds)
@@ -154,47 +158,69 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     grid_max = float(grid.max())
     if not grid_max > 0:
         raise ValueError("the density grid has no positive density")
-    origins, dirs, mask = _camera_rays(reference_camera, reference_mask, max_size)
     n_samples = int(math.ceil(2 * math.sqrt(3) * resolution))          # about two samples per cell
-    sigma, t, delta = march(grid, radius, origins, dirs, n_samples)
-    depth, opacity = rendered_depth(sigma, t, delta)
     tolerance = tolerance_cells * 2 * radius / resolution
-    levels = candidate_levels(grid_max)
-    if mask is not None:
+    view = Rays.cast(grid, radius, reference_camera, reference_mask, max_size, n_samples)
+    ring = None if ring_cameras is None else Rays.cast(grid, radius, ring_cameras, None, max_size, n_samples)
+    if reference_mask is not None:
         criterion = "silhouette IoU with the reference mask"
-        score = functools.partial(silhouette_scores, sigma, mask)
+        score = functools.partial(silhouette_scores, view.sigma, view.mask)
+        # Among levels whose silhouettes match equally well (within about a pixel along the outline), the
+        # one whose surface lies where the field renders it from all around: the reference silhouette
+        # cannot see concavities (a mug's inside) that the ring's depths do.
+        tiebreak, slack = (ring if ring is not None else view), silhouette_slack
     else:
         criterion = "opacity-1/2 depth agreement with the field's own silhouettes"
-        mask = opacity > 0.5
-        score = functools.partial(level_scores, sigma, t, depth, mask, tolerance=tolerance)
+        score = functools.partial(level_scores, view.sigma, view.t, view.depth, view.mask, tolerance=tolerance)
+        tiebreak, slack = None, 0.0
+    levels = candidate_levels(grid_max)
     scores = score(levels)
     if scores.max() <= 0:
         # Nothing agrees (the field is transparent where the mask is): the silhouette alone decides.
-        criterion = "silhouette IoU (no depth agreed)"
-        scores = silhouette_scores(sigma, mask, levels)
+        criterion, tiebreak, slack = "silhouette IoU (no depth agreed)", None, 0.0
+        scores = silhouette_scores(view.sigma, view.mask, levels)
     else:
         # Refine between the neighbours of the best coarse level.
         k = int(np.argmax(scores))
         fine = np.geomspace(levels[max(k - 1, 0)], levels[min(k + 1, len(levels) - 1)], 65)
         levels, scores = np.concatenate([levels, fine]), np.concatenate([scores, score(fine)])
-    best = np.flatnonzero(scores >= scores.max() - 1e-9)
+    best = np.flatnonzero(scores >= scores.max() - slack - 1e-9)
+    if tiebreak is not None and len(best) > 1:
+        agree = level_scores(tiebreak.sigma, tiebreak.t, tiebreak.depth, tiebreak.mask, levels[best],
+                             tolerance=tolerance)
+        best = best[agree >= agree.max() - 1e-9]
     surface_level = float(np.exp(np.log(levels[best]).mean()))     # the middle of a plateau of equal scores
     # Hole guard: the chosen density is reached on most rays, but fainter parts (thin stems, sides
     # few training views saw) peak below it and would vanish. Stay below the peak density of
-    # 95 % of the solid rays (field opacity > 0.9) of these cameras, and of ``guard_cameras``.
-    peaks = [sigma[opacity > 0.9].amax(1)]
-    if guard_cameras is not None:
-        g_origins, g_dirs, _ = _camera_rays(guard_cameras, None, max_size)
-        g_sigma, g_t, g_delta = march(grid, radius, g_origins, g_dirs, n_samples)
-        peaks.append(g_sigma[rendered_depth(g_sigma, g_t, g_delta)[1] > 0.9].amax(1))
-    # Each camera set on its own: the reference's many rays must not outvote the ring's.
+    # 95 % of the solid rays (field opacity > 0.9) of these cameras, and of the ring's; each camera
+    # set on its own, so that the reference's many rays do not outvote the ring's.
+    peaks = [rays.sigma[rays.opacity > 0.9].amax(1) for rays in (view, ring) if rays is not None]
     guards = [float(np.percentile(p.numpy(), hole_percentile)) for p in peaks if len(p)]
     guard = min(guards) if guards else grid_max
     level = min(surface_level, guard) if guard > 0 else surface_level
     if details is not None:
         details.update(criterion=criterion, score=float(scores.max()), surface_level=surface_level,
-                       hole_guard_level=guard, silhouette_iou=silhouette_iou(sigma, mask, level),
+                       hole_guard_level=guard, silhouette_iou=silhouette_iou(view.sigma, view.mask, level),
                        mask_source="reference" if reference_mask is not None else "field opacity > 0.5",
-                       rays=int(len(origins)), samples_per_ray=n_samples,
+                       rays=int(len(view.sigma)), samples_per_ray=n_samples,
                        levels_tried=[float(levels.min()), float(levels.max()), int(len(levels))])
     return level
+
+
+@dataclass
+class Rays:
+    """Densities along the rays of some cameras, their opacity-1/2 depths, and the foreground mask
+    (the given one, or the field's own opacity > 1/2)."""
+
+    sigma: torch.Tensor      # (N, S)
+    t: torch.Tensor          # (N, S) sample depths
+    depth: torch.Tensor      # (N,) opacity-1/2 depth (inf where never reached)
+    opacity: torch.Tensor    # (N,)
+    mask: torch.Tensor       # (N,) bool
+
+    @classmethod
+    def cast(cls, grid, radius, cameras, mask, max_size, n_samples) -> "Rays":
+        origins, dirs, mask = _camera_rays(cameras, mask, max_size)
+        sigma, t, delta = march(grid, radius, origins, dirs, n_samples)
+        depth, opacity = rendered_depth(sigma, t, delta)
+        return cls(sigma, t, depth, opacity, opacity > 0.5 if mask is None else mask)

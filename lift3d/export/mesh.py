@@ -186,7 +186,7 @@ def auto_level(grid: np.ndarray, radius: float, mode: str = "auto", reference=No
 
     details: dict = {}
     if reference is not None and mode == "auto":
-        level = choose_level(grid, radius, reference.camera, reference.mask, guard_cameras=ring_views(radius),
+        level = choose_level(grid, radius, reference.camera, reference.mask, ring_cameras=ring_views(radius),
                              details=details)
         details["method"] = "auto: reference view's mask (silhouette IoU)"
     else:
