@@ -32,7 +32,7 @@ BASELINE_GIB = 0.8
 # Bytes held for backward per rendered sample (forward + backward of a 2^21-sample render, CPU, fp32).
 BYTES_PER_SAMPLE = {"hashgrid-nerf": 3300, "voxel-rf": 200}
 NORMALS_FACTOR = 1.9            # hash grid with normals: 6.0 KB per sample instead of 3.2 KB
-MARGIN = 0.05
+MARGIN = 0.05                   # of the other parts together: the allocator's slack
 VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element of each layer
 # Peak extra RSS of one guidance view (a conditional + an unconditional latent) through the published
 # 859 M UNet at 32x32 latents, CPU fp32, no gradients: 0.37 GiB for 4 views, 1.19 GiB for 12.
