@@ -114,13 +114,6 @@ def silhouette_scores(sigma: torch.Tensor, mask: torch.Tensor, levels: np.ndarra
     return hit_inside / np.maximum(len(inside) + hit_outside, 1)
 
 
-def silhouette_iou(sigma: torch.Tensor, mask: torch.Tensor, level: float) -> float:
-    """IoU of the rays that meet density > ``level`` with the mask."""
-    hit = (sigma > level).any(1)
-    union = (hit | mask).sum().item()
-    return (hit & mask).sum().item() / union if union else 0.0
-
-
 def candidate_levels(grid_max: float, n: int = 96) -> np.ndarray:
     return np.geomspace(grid_max * 1e-3, grid_max * 0.98, n)
 
@@ -176,9 +169,12 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     levels = candidate_levels(grid_max)
     scores = score(levels)
     if scores.max() <= 0:
-        # Nothing agrees (the field is transparent where the mask is): the silhouette alone decides.
-        criterion, tiebreak, slack = "silhouette IoU (no depth agreed)", None, 0.0
-        scores = silhouette_scores(view.sigma, view.mask, levels)
+        # Nothing agrees (the field is transparent where the mask is): the silhouette alone decides,
+        # over all the levels (no refinement, no tie-break).
+        tiebreak, slack = None, 0.0
+        if reference_mask is None:
+            criterion = "silhouette IoU (no depth agreed)"
+            scores = silhouette_scores(view.sigma, view.mask, levels)
     else:
         # Refine between the neighbours of the best coarse level.
         k = int(np.argmax(scores))
@@ -199,8 +195,9 @@ def choose_level(density_grid, grid_bounds: float, reference_camera, reference_m
     guard = min(guards) if guards else grid_max
     level = min(surface_level, guard) if guard > 0 else surface_level
     if details is not None:
+        silhouette = float(silhouette_scores(view.sigma, view.mask, np.array([level]))[0])
         details.update(criterion=criterion, score=float(scores.max()), surface_level=surface_level,
-                       hole_guard_level=guard, silhouette_iou=silhouette_iou(view.sigma, view.mask, level),
+                       hole_guard_level=guard, silhouette_iou=silhouette,
                        mask_source="reference" if reference_mask is not None else "field opacity > 0.5",
                        rays=int(len(view.sigma)), samples_per_ray=n_samples,
                        levels_tried=[float(levels.min()), float(levels.max()), int(len(levels))])
