@@ -6,6 +6,8 @@ of a step spent outside the UNet, per config and milestone, as a Markdown table.
     python benchmarks/bench_recipes.py zero123-sds oracle    # some of them
     python benchmarks/bench_recipes.py --out DIR ...; python benchmarks/bench_recipes.py --table DIR
                                                              # keep each result; one table of several runs
+    python benchmarks/bench_recipes.py stable-zero123 --set trainer.mmap_threshold_mib=0
+                                                             # config overrides for every config run
 
 The model (``random_zero123("full")``: 859 M UNet, 84 M VAE, CLIP ViT-L/14) is built once and saved as
 a kxic-layout folder under ``$LIFT3D_CACHE_DIR/bench/zero123-full-random`` (default ``~/.cache/lift3d``);
@@ -86,14 +88,14 @@ def weights_gib(model) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-def run_one(name: str, model: str, out: str) -> dict:
+def run_one(name: str, model: str, out: str, extra: list) -> dict:
     import torch
     from omegaconf import OmegaConf
 
     from lift3d.config import load_config
     from lift3d.runner import Experiment
 
-    cfg = load_config(name, overrides_for(name, model, out))
+    cfg = load_config(name, overrides_for(name, model, out) + list(extra))
     stages = len(cfg.data.get("resolution_milestones", []) or []) + 1
     if stages > 1:
         cfg.data.resolution_milestones = list(range(1, stages))
@@ -113,7 +115,7 @@ def run_one(name: str, model: str, out: str) -> dict:
     result = {"config": name, "load_s": time.perf_counter() - t0, "model_gib": sum(weights_gib(m) for m in models),
               "load_peak_gib": load.peak, "rows": [],
               "estimate_gib": None if estimate is None else estimate.total_gib,
-              "estimate_parts": None if estimate is None else estimate.parts}
+              "estimate_parts": None if estimate is None else estimate.parts, "set": list(extra)}
     optimizer = system.configure_optimizer()
     system.train()
     prior = getattr(system.guidance, "prior", None)
@@ -185,13 +187,14 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--model", default="", help="a model folder (default: build the full random one)")
     parser.add_argument("--out", default="", help="keep each config's result as OUT/CONFIG.json")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--table", default="", metavar="DIR", help="only print the table of the results in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as out:
-            result = run_one(args.configs[0], args.model, out)
+            result = run_one(args.configs[0], args.model, out, args.set)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
@@ -209,7 +212,8 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             # The child's stderr passes through: its rows show as they come.
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model", model,
-                                   "--json", tmp.name], cwd=ROOT, stdout=subprocess.DEVNULL)
+                                   "--json", tmp.name] + (["--set", *args.set] if args.set else []),
+                                  cwd=ROOT, stdout=subprocess.DEVNULL)
             if proc.returncode == 0:
                 with open(tmp.name) as f:
                     results.append(json.load(f))

@@ -9,8 +9,8 @@ traceback half-way into step 0. The estimate adds up:
   holds one checkpointed chunk at a time, smaller ones are held whole until backward;
 - ``vae``: the VAE encoder (RGB renders, ``encode_chunk`` images at a time) or decoder (a latent field's
   reference view) with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
-- ``unet``: the UNet's forward pass (no gradients) on the guidance batch, both halves of classifier-free
-  guidance, from the batch size, the latent size and the block widths (``UNET_GIB_PER_VIEW``, measured);
+- ``unet``: the UNet's forward pass (no gradients) on ``unet_chunk`` guidance views at a time, both halves
+  of classifier-free guidance, from the latent size and the block widths (``UNET_GIB_PER_VIEW``, measured);
 - ``baseline``: Python, torch and the model libraries;
 - ``margin``: 5 % of the rest, for the allocator's slack (the sum alone was up to 0.05 GiB under the
   measured peak of ``zero123-sjc``).
@@ -99,10 +99,15 @@ def _nonzero(value) -> bool:
     return any(float(v) != 0 for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
+def _prior_config(guidance: dict) -> dict:
+    """The prior's keys: a preset's flat block or score-distillation's ``prior``."""
+    return guidance.get("prior", guidance) or {}
+
+
 def _models(guidance: dict) -> tuple[list[str], Optional[str]]:
     from lift3d.priors.zero123 import BUNDLED_MODEL
 
-    prior = guidance.get("prior", guidance) or {}
+    prior = _prior_config(guidance)
     paths = [prior.get("pretrained_model_name_or_path") or BUNDLED_MODEL]
     if prior.get("refiner_name_or_path"):
         paths.append(prior["refiner_name_or_path"])
@@ -111,6 +116,8 @@ def _models(guidance: dict) -> tuple[list[str], Optional[str]]:
 
 def estimate_step_memory(system, data) -> Estimate:
     """The peak resident memory of a training step of ``system`` on ``data``."""
+    from lift3d.priors.zero123 import Zero123Prior
+
     est = Estimate(parts={"baseline": BASELINE_GIB})
     r, g = system.renderer.cfg, system.cfg
     guidance = dict(g.guidance or {}) if g.guidance_type else {}
@@ -128,12 +135,14 @@ def estimate_step_memory(system, data) -> Estimate:
     ref = c.reference_height * c.reference_width // (factor ** 2 if system.latent_field else 1)
     worst, worst_unet = 0.0, 0.0
     unet = _model_config(paths[0], "unet", {}) if vae is not None else None
+    unet_chunk = int(_prior_config(guidance).get("unet_chunk", Zero123Prior.Config.unet_chunk))
     for stage in range(len(c.resolution_milestones) + 1):
         data._stage = stage
         h, w = data.guidance_size
         if unet is not None:   # an RGB render is resized to the model's input; a latent field is the latent
             latent = h * w if system.latent_field else (int(vae.get("sample_size", 256)) // factor) ** 2
-            worst_unet = max(worst_unet, unet_gib(unet, data.batch_size, latent))
+            views = min(data.batch_size, unet_chunk or data.batch_size)
+            worst_unet = max(worst_unet, unet_gib(unet, views, latent))
         renders = [(ref * S, 1.0), (data.batch_size * h * w * S, NORMALS_FACTOR if normals else 1.0)]
         if _nonzero(loss.lambda_near_view):
             renders.append(renders[-1])
@@ -144,7 +153,7 @@ def estimate_step_memory(system, data) -> Estimate:
     est.parts["render"] = worst
     if unet is not None:
         est.parts["unet"] = worst_unet
-        est.settings["unet"] = f"data.batch_size (now {c.batch_size})"
+        est.settings["unet"] = f"system.guidance.unet_chunk (now {unet_chunk})"
     est.settings["render"] = (f"system.renderer.train_chunk_samples (now {budget})" if budget else
                               f"system.renderer.num_samples_per_ray (now {S}) or set train_chunk_samples")
     if vae is not None:

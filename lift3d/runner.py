@@ -31,6 +31,7 @@ from lift3d.systems.base import RunContext
 from lift3d.trial import TrialLock, config_differences, load_checkpoint, trial_dir_for
 from lift3d.utils import figures, io
 from lift3d.utils.device import pick_device
+from lift3d.utils.heap import MAX_THRESHOLD_MIB, set_mmap_threshold
 from lift3d.utils.images import save_video
 from lift3d.utils.losslog import LossLog
 
@@ -59,6 +60,7 @@ class Experiment:
         self.device = pick_device(self.exp.trainer.device)
         if self.exp.trainer.num_threads:
             torch.set_num_threads(self.exp.trainer.num_threads)
+        set_mmap_threshold(self.exp.trainer.mmap_threshold_mib)
         self._seed(self.exp.seed)
         self.data = find(self.exp.data_type, "data")(self.exp.data, path="data")
         self.system = find(self.exp.system_type, "system")(self.exp.system, path="system").to(self.device)
@@ -323,6 +325,9 @@ def _check_trainer(t) -> None:
     for key in ("val_every", "ckpt_every", "log_every", "num_threads"):
         if getattr(t, key) < 0:
             raise UserError(f"trainer.{key} must be 0 (never/default) or positive, got {getattr(t, key)}")
+    if not 0 <= t.mmap_threshold_mib <= MAX_THRESHOLD_MIB:
+        raise UserError(f"trainer.mmap_threshold_mib must be between 0 (glibc's default) and {MAX_THRESHOLD_MIB}, "
+                        f"got {t.mmap_threshold_mib}")
 
 
 def _metrics_line(metrics: dict) -> str:

@@ -160,6 +160,7 @@ EXTRA_CASES = [
     Case("data.elevation_range=[80,10]", L + ["data.elevation_range=[80,10]"], message="elevation_range"),
     Case("data.batch_size=0", L + ["data.batch_size=0"], message="batch_size"),
     Case("trainer.num_threads=-1", L + ["trainer.num_threads=-1"], message="num_threads"),
+    Case("trainer.mmap_threshold_mib=64", L + ["trainer.mmap_threshold_mib=64"], message="mmap_threshold_mib"),
     Case("seed=abc", L + ["seed=abc"], message="seed"),
     Case("system.optimizer.name=sgd", L + ["system.optimizer.name=sgd"], message="sgd", check=no_trial_folder),
     Case("system.renderer.num_samples_per_ray=0", L + ["system.renderer.num_samples_per_ray=0"],

@@ -146,6 +146,16 @@ def test_guidance_gives_gradients(models, tmp_path, method, coarse):
     assert torch.isfinite(render["comp_rgb"].grad).all() and render["comp_rgb"].grad.abs().sum() > 0
 
 
+def test_refiner_unet_chunks_give_the_one_pass_noise(models, tmp_path):
+    """The refiner's noise (with the render as coarse token) is the same in chunks of one view."""
+    one, chunked = (make(models, tmp_path, unet_chunk=n, coarse_token="render").prior for n in (0, 1))
+    noisy = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    render = {"comp_rgb": torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        a, b = (p.predict_noise(noisy, torch.tensor([100, 700]), VIEWS, 3.0, render) for p in (one, chunked))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
 def test_swapping_from_zero123_sjc_is_one_line():
     cfg = load_config(os.path.join(CONFIGS, "zero123-sjc.yaml"), ["system.guidance_type=cascade-zero123",
                                                                   "system.guidance.pretrained_model_name_or_path=/w/b"])

@@ -117,15 +117,18 @@ def test_memory_estimate_counts_the_guidance_batch_through_the_unet(tmp_path):
     from lift3d.preflight import estimate_step_memory
     from lift3d.runner import Experiment
 
-    def parts(batch):
+    def parts(batch, chunk):
         cfg = load_config("zero123-sds", [f"exp_root_dir={tmp_path}", "use_timestamp=false", f"data.batch_size={batch}",
-                                          "data.resolution_milestones=[]"])
+                                          "data.resolution_milestones=[]", f"system.guidance.unet_chunk={chunk}"])
         exp = Experiment(cfg)
-        return estimate_step_memory(exp.system, exp.data).parts
+        est = estimate_step_memory(exp.system, exp.data)
+        return est.parts, est.settings
 
-    small, large = parts(4), parts(12)
+    (small, _), (large, _), (chunked, settings) = parts(4, 0), parts(12, 0), parts(12, 4)
     assert large["unet"] == pytest.approx(3 * small["unet"]) and small["unet"] > 0
     assert large["margin"] == pytest.approx(0.05 / 1.05 * sum(large.values()))
+    # Four views per UNet pass: the pass holds four views' activations whatever the batch.
+    assert chunked["unet"] == pytest.approx(small["unet"]) and "unet_chunk (now 4)" in settings["unet"]
 
 
 def test_gpu_check_refuses_without_cuda():

@@ -295,3 +295,21 @@ def test_chunked_vae_encoding_gives_the_one_pass_latents_and_gradients(model_dir
     (loss_a, grad_a), (loss_b, grad_b) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     assert torch.allclose(grad_a, grad_b, rtol=1e-4, atol=1e-5 * float(grad_a.abs().max()))  # round-off of B=1 vs B=3 convs
+
+
+def test_unet_chunks_give_the_one_pass_noise(model_dir):
+    """unet_chunk 2 (two UNet passes for three views) = the whole batch in one pass."""
+    views = Cameras.from_spherical([50.0, -10.0, 5.0], [120.0, -60.0, 10.0], 2.0, 40.0, 8, 8)
+    noisy = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([50, 400, 900])
+    one, chunked = (make(Zero123SDS, model_dir, unet_chunk=n).prior for n in (0, 2))
+    calls = []
+    real = chunked.model.predict_noise
+    chunked.model.predict_noise = lambda x, *a: calls.append(len(x)) or real(x, *a)
+    with torch.no_grad():
+        a, b = one.predict_noise(noisy, t, views, 3.0), chunked.predict_noise(noisy, t, views, 3.0)
+    assert calls == [2, 1]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    assert not torch.allclose(a[0], a[1])  # the views differ: a mix-up of chunks would show
+    with pytest.raises(UserError, match="unet_chunk"):
+        make(Zero123SDS, model_dir, unet_chunk=-1)

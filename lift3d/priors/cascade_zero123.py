@@ -149,7 +149,7 @@ class CascadeZero123Prior(Zero123Prior):
             image = self.base.decode(x0)
         return embed(self.model, resize(image, self.image_size).clamp(0, 1))
 
-    def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
+    def noise_chunk(self, noisy, t, cameras, guidance_scale, render) -> torch.Tensor:
         from lift3d.zero123.cascade import refiner_noise
 
         coarse = self.coarse_embedding(noisy, t, cameras, render)

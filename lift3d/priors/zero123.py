@@ -53,11 +53,16 @@ class Zero123Prior(ViewConditionedPrior):
         use_ema: bool = True                   # .ckpt: use its EMA weights when present
         dtype: str = "float32"                 # float32 | float16 (float16 only on CUDA)
         pose_variant: str = "zero123"          # zero123 | stable (Stable-Zero123: condition polar angle in slot 4)
+        # Views per UNet pass (each a CFG pair): the pass's activations grow with it (~0.1 GiB a view at
+        # 32^2 latents on the full model). 0: the whole batch in one pass.
+        unet_chunk: int = 4
 
     def __init__(self, cfg: Any = None, path: str = "system.guidance.prior"):
         super().__init__(cfg, path)
         check_choice(path, "pose_variant", self.cfg.pose_variant, ("zero123", "stable"))
         check_choice(path, "dtype", self.cfg.dtype, tuple(DTYPES))
+        if self.cfg.unet_chunk < 0:
+            raise ConfigError(f"{path}.unet_chunk must be 0 (one pass) or a number of views, got {self.cfg.unet_chunk}")
         self.model = None
 
     # ------------------------------------------------------------------ set-up
@@ -132,4 +137,20 @@ class Zero123Prior(ViewConditionedPrior):
         return zero123_pose(cameras, self.reference_camera.to(cameras.device), stable=stable)
 
     def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
+        """CFG ε̂ of the views, ``unet_chunk`` views per UNet pass (the same ε̂ as one pass)."""
+        t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
+        n = self.cfg.unet_chunk or len(noisy)
+        return torch.cat([self.noise_chunk(noisy[i:i + n], t[i:i + n], cameras[i:i + n], guidance_scale,
+                                           _views(render, i, i + n, len(noisy)))
+                          for i in range(0, len(noisy), n)])
+
+    def noise_chunk(self, noisy, t, cameras, guidance_scale, render) -> torch.Tensor:
+        """One UNet pass: :meth:`predict_noise` for a few views."""
         return self.model.predict_noise(noisy, t, self.condition, self.poses(cameras), guidance_scale)
+
+
+def _views(render: Optional[dict], start: int, stop: int, batch: int) -> Optional[dict]:
+    """The render's per-view tensors for views start..stop-1 (other entries as they are)."""
+    if render is None:
+        return None
+    return {k: v[start:stop] if torch.is_tensor(v) and v.dim() and len(v) == batch else v for k, v in render.items()}

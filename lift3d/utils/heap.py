@@ -1,0 +1,57 @@
+"""Keep freed CPU memory from staying resident: glibc's malloc and its mmap threshold.
+
+glibc serves an allocation below its mmap threshold from a heap that it returns to the system only
+from the top, and after the first large free it raises that threshold (up to 32 MiB). A training step
+allocates and frees tensors of a few MiB whose sizes change from one ray chunk to the next (the
+occupancy grid keeps a different number of samples in each), so the heap fragments and the freed
+memory stays resident: about 1 GiB at the 256 px milestone of the SDS recipes. A fixed threshold
+sends those tensors to mmap, whose memory goes back to the system the moment a tensor is freed.
+The price is page faults on every such allocation. At 4 MiB, one stable-zero123 step at 4 x 256 px
+(32 samples per ray) peaked at 1.0-1.6 GiB less and took ~15 % longer; the README's CPU job is as fast
+as without (benchmarks/RESULTS.md, issue 13, session 8). 1 MiB saved 0.2 GiB more and cost ~35 %.
+
+``trainer.mmap_threshold_mib`` sets it (0: leave glibc alone). A threshold the user set in the
+environment (``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``) wins; other C libraries are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger("lift3d")
+
+M_MMAP_THRESHOLD = -3          # glibc's malloc.h
+# glibc's own cap on the threshold (HEAP_MAX_SIZE / 2 on 64-bit): a larger value is refused.
+MAX_THRESHOLD_MIB = 32
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    if not name or os.uname().sysname != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+    except OSError:
+        return None
+
+
+def user_set_threshold() -> bool:
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def set_mmap_threshold(mib: float) -> bool:
+    """Allocations of ``mib`` MiB and more go to mmap from now on. Returns whether it was set."""
+    if not mib or user_set_threshold():
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mib * 2**20)))
+    if not ok:
+        log.warning("glibc refused an mmap threshold of %s MiB; freed memory may stay resident", mib)
+    return ok
