@@ -17,7 +17,6 @@ environment (``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``) wins; other C lib
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Optional
@@ -30,14 +29,12 @@ MAX_THRESHOLD_MIB = 32
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library("c")
-    if not name or os.uname().sysname != "Linux":
-        return None
+    """This process's C library when it is glibc (musl and macOS have no such threshold to set)."""
     try:
-        libc = ctypes.CDLL(name)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def user_set_threshold() -> bool:
