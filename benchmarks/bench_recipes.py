@@ -104,7 +104,7 @@ def run_one(name: str, model: str, out: str, extra: list) -> dict:
     estimate = None
     try:
         from lift3d.preflight import estimate_step_memory
-        estimate = estimate_step_memory(system, data)
+        estimate = estimate_step_memory(system, data, exp.exp.trainer.mmap_threshold_mib)
     except ImportError:
         pass
     t0 = time.perf_counter()

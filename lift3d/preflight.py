@@ -11,6 +11,9 @@ traceback half-way into step 0. The estimate adds up:
   reference view) with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
 - ``unet``: the UNet's forward pass (no gradients) on ``unet_chunk`` guidance views at a time, both halves
   of classifier-free guidance, from the latent size and the block widths (``UNET_GIB_PER_VIEW``, measured);
+- ``heap``: with ``trainer.mmap_threshold_mib: 0`` on glibc, the freed render and VAE tensors that stay
+  resident (lift3d/utils/heap.py), counted as one more render and VAE pass (measured: 1.5-2.0 GiB at
+  stable-zero123's 256 px milestone, where those parts are 1.7 GiB);
 - ``baseline``: Python, torch and the model libraries;
 - ``margin``: 5 % of the rest, for the allocator's slack (the sum alone was up to 0.05 GiB under the
   measured peak of ``zero123-sjc``).
@@ -114,8 +117,8 @@ def _models(guidance: dict) -> tuple[list[str], Optional[str]]:
     return paths, prior.get("variant")
 
 
-def estimate_step_memory(system, data) -> Estimate:
-    """The peak resident memory of a training step of ``system`` on ``data``."""
+def estimate_step_memory(system, data, mmap_threshold_mib: float = 4.0) -> Estimate:
+    """The peak resident memory of a training step of ``system`` on ``data`` (``trainer.mmap_threshold_mib``)."""
     from lift3d.priors.zero123 import Zero123Prior
 
     est = Estimate(parts={"baseline": BASELINE_GIB})
@@ -164,6 +167,11 @@ def estimate_step_memory(system, data) -> Estimate:
             n = min(int(guidance.get("encode_chunk", 1)), max(int(v) for v in _staged_list(c.batch_size)))
             est.parts["vae"] = vae_gib(vae, n, decoder=False)
             est.settings["vae"] = f"system.guidance.encode_chunk (now {guidance.get('encode_chunk', 1)})"
+    from lift3d.utils.heap import fragments_heap
+
+    if fragments_heap(mmap_threshold_mib):
+        est.parts["heap"] = est.parts["render"] + est.parts.get("vae", 0.0)
+        est.settings["heap"] = f"trainer.mmap_threshold_mib=4 (now {mmap_threshold_mib:g})"
     est.parts["margin"] = MARGIN * est.total_gib
     return est
 
@@ -222,7 +230,7 @@ def check_memory(exp) -> None:
     """Stop before training, in one line, when the estimated step does not fit in the free memory."""
     if not getattr(exp.exp.trainer, "memory_check", True) or exp.device.type != "cpu":
         return   # on CUDA the model and activations live in device memory: benchmarks/gpu_check.py
-    est = estimate_step_memory(exp.system, exp.data)
+    est = estimate_step_memory(exp.system, exp.data, exp.exp.trainer.mmap_threshold_mib)
     free = available_gib()
     if free is None:
         return
@@ -241,6 +249,7 @@ def verdict(est: Estimate, free_gib: float, resident_gib: float = 0.0) -> Option
     if not reducible or est.parts.get("model", 0) + BASELINE_GIB - resident_gib > free_gib:
         advice = "the model alone does not fit: use a machine with more memory"
     else:
-        advice = f"lower {est.settings[max(reducible, key=reducible.get)]}"
+        part = max(reducible, key=reducible.get)
+        advice = f"{'set' if part == 'heap' else 'lower'} {est.settings[part]}"
     return (f"this run needs about {est.total_gib:.1f} GiB ({parts}) but only {free_gib:.1f} GiB is free: "
             f"{advice} (trainer.memory_check=false skips this check)")

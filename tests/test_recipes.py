@@ -131,6 +131,24 @@ def test_memory_estimate_counts_the_guidance_batch_through_the_unet(tmp_path):
     assert chunked["unet"] == pytest.approx(small["unet"]) and "unet_chunk (now 4)" in settings["unet"]
 
 
+def test_memory_estimate_counts_the_freed_tensors_glibc_keeps_without_a_threshold(tmp_path, monkeypatch):
+    from lift3d.preflight import estimate_step_memory, verdict
+    from lift3d.runner import Experiment
+    from lift3d.utils import heap
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    exp = Experiment(load_config("zero123-sds", [f"exp_root_dir={tmp_path}", "use_timestamp=false"]))
+    monkeypatch.setattr(heap, "_glibc", lambda: object())   # as on glibc, whatever this machine's C library
+    with_threshold = estimate_step_memory(exp.system, exp.data, 4)
+    without = estimate_step_memory(exp.system, exp.data, 0)
+    assert "heap" not in with_threshold.parts
+    assert without.parts["heap"] == pytest.approx(without.parts["render"] + without.parts["vae"])
+    assert without.parts["heap"] > 0
+    message = verdict(without, free_gib=without.total_gib - 0.5)
+    assert "set trainer.mmap_threshold_mib=4 (now 0)" in message
+
+
 def test_gpu_check_refuses_without_cuda():
     import torch
 

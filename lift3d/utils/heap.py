@@ -52,3 +52,8 @@ def set_mmap_threshold(mib: float) -> bool:
     if not ok:
         log.warning("glibc refused an mmap threshold of %s MiB; freed memory may stay resident", mib)
     return ok
+
+
+def fragments_heap(mib: float) -> bool:
+    """Whether freed mid-size tensors stay resident under this setting: glibc with its own dynamic threshold."""
+    return not mib and not user_set_threshold() and _glibc() is not None
