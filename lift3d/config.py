@@ -171,7 +171,7 @@ class TrainerConfig:
     num_threads: int = 0          # torch CPU threads (0: torch's default)
     memory_check: bool = True     # stop before training when a step will not fit in free memory (lift3d/preflight.py)
     # CPU allocations of this many MiB and more are returned to the system when freed (glibc; 0: its default,
-    # which keeps ~1 GiB of freed tensors resident at the SDS recipes' 256 px milestone). lift3d/utils/heap.py
+    # which keeps 1-2 GiB of freed tensors resident at the SDS recipes' 256 px milestone). lift3d/utils/heap.py
     mmap_threshold_mib: float = 4.0
 
 

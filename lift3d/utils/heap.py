@@ -4,13 +4,13 @@ glibc serves an allocation below its mmap threshold from a heap that it returns 
 from the top, and after the first large free it raises that threshold (up to 32 MiB). A training step
 allocates and frees tensors of a few MiB whose sizes change from one ray chunk to the next (the
 occupancy grid keeps a different number of samples in each), so the heap fragments and the freed
-memory stays resident: about 1 GiB at the 256 px milestone of the SDS recipes. A fixed threshold
+memory stays resident: 1-2 GiB at the 256 px milestone of the SDS recipes. A fixed threshold
 sends those tensors to mmap, whose memory goes back to the system the moment a tensor is freed.
 The price is page faults on every such allocation. At 4 MiB, one stable-zero123 step at 4 x 256 px
-(32 samples per ray) peaked at 1.0-1.6 GiB less and took ~15 % longer; the README's CPU job is as fast
+(32 samples per ray) peaked at 0.9-2.0 GiB less and took ~15 % longer; the README's CPU job is as fast
 as without (benchmarks/RESULTS.md, issue 13, session 8). 1 MiB saved 0.2 GiB more and cost ~35 %.
 
-``trainer.mmap_threshold_mib`` sets it (0: leave glibc alone). A threshold the user set in the
+``trainer.mmap_threshold_mib`` sets it for the whole process (0: leave glibc alone). A threshold the user set in the
 environment (``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``) wins; other C libraries are left alone.
 """
 
