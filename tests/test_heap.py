@@ -44,6 +44,6 @@ def test_a_fixed_threshold_returns_freed_tensors(monkeypatch):
     set_4, kept_4 = resident_after_free(4)
     assert not set_default and kept_default > 250       # 320 MiB freed, most of it still resident
     assert set_4 and kept_4 < 20
-    # A threshold the user chose in the environment wins.
-    set_env, kept_env = resident_after_free(4, {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)})
-    assert not set_env and kept_env > 250
+    # A threshold the user chose in the environment wins: lift3d leaves it as it is.
+    set_env, _ = resident_after_free(4, {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)})
+    assert not set_env
