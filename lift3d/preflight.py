@@ -28,7 +28,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lift3d.config import TrainerConfig
 from lift3d.errors import UserError
+from lift3d.utils.heap import fragments_heap
 
 GIB = 2 ** 30
 BASELINE_GIB = 0.8
@@ -117,7 +119,7 @@ def _models(guidance: dict) -> tuple[list[str], Optional[str]]:
     return paths, prior.get("variant")
 
 
-def estimate_step_memory(system, data, mmap_threshold_mib: float = 4.0) -> Estimate:
+def estimate_step_memory(system, data, mmap_threshold_mib: float = TrainerConfig.mmap_threshold_mib) -> Estimate:
     """The peak resident memory of a training step of ``system`` on ``data`` (``trainer.mmap_threshold_mib``)."""
     from lift3d.priors.zero123 import Zero123Prior
 
@@ -167,11 +169,10 @@ def estimate_step_memory(system, data, mmap_threshold_mib: float = 4.0) -> Estim
             n = min(int(guidance.get("encode_chunk", 1)), max(int(v) for v in _staged_list(c.batch_size)))
             est.parts["vae"] = vae_gib(vae, n, decoder=False)
             est.settings["vae"] = f"system.guidance.encode_chunk (now {guidance.get('encode_chunk', 1)})"
-    from lift3d.utils.heap import fragments_heap
-
     if fragments_heap(mmap_threshold_mib):
         est.parts["heap"] = est.parts["render"] + est.parts.get("vae", 0.0)
-        est.settings["heap"] = f"trainer.mmap_threshold_mib=4 (now {mmap_threshold_mib:g})"
+        est.settings["heap"] = (f"trainer.mmap_threshold_mib={TrainerConfig.mmap_threshold_mib:g} "
+                                f"(now {mmap_threshold_mib:g})")
     est.parts["margin"] = MARGIN * est.total_gib
     return est
 
