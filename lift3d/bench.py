@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from lift3d.bench_report import compare_title, result_line, comparison_image, write_summary
+from lift3d.config import resolve_config
 from lift3d.errors import UserError
 from lift3d.utils import io
 
@@ -174,8 +175,7 @@ def run_bench(dataset: str, config: str, out: str, objects: Optional[list] = Non
 
     if backend not in ("local", "ray"):
         raise UserError(f"unknown backend '{backend}'; use local or ray")
-    if not os.path.isfile(config):
-        raise UserError(f"config file not found: {config}")
+    config = resolve_config(config)      # a file, else a packaged config name: as ``lift3d launch``
     for p in protocols:
         get_protocol(p, **(eval_options or {}))
     names = list_objects(dataset, list(objects) if objects else None)
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "GSO-layout dataset; re-running resumes (finished objects are skipped).",
                                 epilog="Extra key=value arguments are config overrides for every object's run.")
     p.add_argument("--dataset", required=True, help="folder of objects laid out as <NAME>/meshes/model.obj")
-    p.add_argument("--config", required=True, help="experiment config (e.g. configs/oracle.yaml)")
+    p.add_argument("--config", required=True,
+                   help="a YAML file, or the name of a packaged config (e.g. oracle), as for 'lift3d launch'")
     p.add_argument("--out", required=True, help="output folder (results/, objects/, summary.*)")
     p.add_argument("--objects", default="", help="comma-separated object names (default: all)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")

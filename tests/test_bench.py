@@ -127,12 +127,23 @@ def test_bench_scores_reflect_the_reconstruction(tmp_path):
 def test_bench_cli_errors(tmp_path):
     with pytest.raises(UserError, match="backend"):
         run_bench(DATASET, CONFIG, str(tmp_path), backend="slurm")
-    with pytest.raises(UserError, match="config file not found"):
+    with pytest.raises(UserError, match="config 'nope.yaml' not found.*packaged configs: .*oracle"):
         run_bench(DATASET, "nope.yaml", str(tmp_path))
     with pytest.raises(UserError, match="protocol"):
         run_bench(DATASET, CONFIG, str(tmp_path), protocols=("chamfer9000",))
     with pytest.raises(UserError, match="unknown option"):
         bench_main(["--dataset", DATASET, "--config", CONFIG, "--out", str(tmp_path), "--bogus"])
+
+
+def test_bench_finds_packaged_configs_by_name_as_launch_does(tmp_path):
+    from lift3d.config import resolve_config
+
+    for name in ("oracle", "oracle.yaml"):
+        summary = run_bench(DATASET, name, str(tmp_path / name), objects=["mug"], **SMALL,
+                            reconstruct=fake_reconstruct())
+        assert summary["n_ok"] == 1
+        result = json.load(open(os.path.join(str(tmp_path / name), "results", "mug.json")))
+        assert result["config"] == os.path.abspath(resolve_config("oracle")) and result["config"].endswith("oracle.yaml")
 
 
 def test_bench_ray_backend(tmp_path):
@@ -222,7 +233,7 @@ def test_bench_end_to_end_with_launch(tmp_path):
                  "data.eval_width=16", "system.renderer.num_samples_per_ray=32", "system.export.resolution=32",
                  "system.export.texture_size=64", "system.export.threshold=0.4")
     out = str(tmp_path / "bench")
-    summary = run_bench(DATASET, CONFIG, out, objects=["car"], overrides=overrides, **SMALL)
+    summary = run_bench(DATASET, "oracle", out, objects=["car"], overrides=overrides, **SMALL)   # by name, as launch
     row = summary["objects"][0]
     assert row["status"] == "ok", row["error"]
     result = json.load(open(os.path.join(out, "results", "car.json")))
