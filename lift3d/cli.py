@@ -80,11 +80,21 @@ def _eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lift3d eval", description="Score a mesh against a ground-truth mesh.")
     p.add_argument("--pred", required=True)
     p.add_argument("--gt", required=True)
-    p.add_argument("--protocol", default="surface")
+    p.add_argument("--protocol", default="surface", help="surface, syncdreamer or surface-icp")
+    turn = p.add_mutually_exclusive_group()
+    turn.add_argument("--syncdreamer-object", metavar="NAME",
+                      help="turn the ground truth by SyncDreamer's angle for this object of its GSO set (e.g. sofa): "
+                      "for a reconstruction from SyncDreamer's published renders")
+    turn.add_argument("--gt-rotation-deg", type=float, default=0.0, metavar="DEG",
+                      help="an angle in SyncDreamer's convention: the normalised ground truth turns by -DEG about z")
     args = p.parse_args(argv)
     from lift3d.evaluation.metrics import evaluate
+    from lift3d.evaluation.protocols import syncdreamer_gt_angle
 
-    print(json.dumps(evaluate(args.pred, args.gt, protocol=args.protocol), indent=2, sort_keys=True))
+    angle = syncdreamer_gt_angle(args.syncdreamer_object) if args.syncdreamer_object else args.gt_rotation_deg
+    result = evaluate(args.pred, args.gt, protocol=args.protocol, gt_rotation_deg=angle)
+    result["gt_rotation"]["syncdreamer_object"] = args.syncdreamer_object
+    print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 

@@ -180,3 +180,68 @@ def test_voxel_downsample_averages_per_voxel():
     out = voxel_downsample(pts, 0.01)
     assert len(out) == 2
     assert np.allclose(sorted(out[:, 0]), [0.002, 0.5])
+
+
+def _ell():
+    """An L-shaped solid: no rotation about z but the identity maps it onto itself."""
+    return trimesh.util.concatenate([trimesh.creation.box((1.0, 0.3, 0.4), transform=trimesh.transformations.
+                                                          translation_matrix((0.0, -0.2, 0.0))),
+                                     trimesh.creation.box((0.3, 0.4, 0.4), transform=trimesh.transformations.
+                                                          translation_matrix((0.35, 0.15, 0.0)))])
+
+
+def test_syncdreamer_gt_rotation_sign_and_table():
+    from lift3d.evaluation.protocols import SYNCDREAMER_GT_ANGLE_DEG, gt_rotation, syncdreamer_gt_angle
+
+    # eval_mesh.py: vertices @ R.T with R = euler2mat(-radians(angle), 0, 0, 'szyx'): sofa's -90 turns +x to +y.
+    assert np.allclose(gt_rotation(-90.0) @ [1.0, 0, 0], [0, 1.0, 0], atol=1e-12)
+    assert np.allclose(gt_rotation(270.0), gt_rotation(-90.0), atol=1e-12)      # the same turn, as in its code
+    assert len(SYNCDREAMER_GT_ANGLE_DEG) == 30
+    assert [syncdreamer_gt_angle(n) for n in ("sofa", "lion", "elephant", "turtle", "sorter", "teapot")] == \
+        [-90.0, 270.0, 180.0, 225.0, 112.5, 0.0]
+    with pytest.raises(UserError, match="unknown SyncDreamer object 'sofaa'.*sofa"):
+        syncdreamer_gt_angle("sofaa")
+
+
+@pytest.mark.parametrize("angle", [270.0, 112.5])
+def test_a_mesh_and_its_turned_copy_score_perfectly_only_with_the_right_rotation(angle):
+    from lift3d.evaluation.protocols import gt_rotation
+    from lift3d.mesh.io import normalize_mesh
+
+    gt = _ell()
+    pred, _, _ = normalize_mesh(gt.copy())      # what a reconstruction from SyncDreamer's renders would give
+    turn = np.eye(4)
+    turn[:3, :3] = gt_rotation(angle)
+    pred.apply_transform(turn)
+    scores = {a: evaluate(pred, gt, "syncdreamer", gt_rotation_deg=a) for a in (angle, 0.0, -angle)}
+    right = scores[angle]
+    assert right["chamfer_distance"] < 2e-3 and right["volume_iou"] > 0.97
+    assert right["gt_rotation"]["syncdreamer_angle_deg"] == angle
+    assert np.allclose(right["gt_rotation"]["matrix"], turn[:3, :3])
+    assert f"angle {angle:g} deg" in right["protocol"]["alignment"]
+    for wrong in (0.0, -angle):
+        assert scores[wrong]["chamfer_distance"] > 10 * right["chamfer_distance"]
+        assert scores[wrong]["volume_iou"] < 0.8
+    assert scores[0.0]["protocol"]["alignment"].startswith("none")
+
+
+def test_eval_command_applies_a_syncdreamer_object_rotation(tmp_path, capsys):
+    from lift3d.cli import main
+    from lift3d.evaluation.protocols import gt_rotation
+    from lift3d.mesh.io import normalize_mesh
+
+    gt, pred = str(tmp_path / "gt.obj"), str(tmp_path / "pred.obj")
+    _ell().export(gt)
+    turned, _, _ = normalize_mesh(_ell())
+    turned.vertices = turned.vertices @ gt_rotation(-90.0).T      # sofa
+    turned.export(pred)
+    assert main(["eval", "--pred", pred, "--gt", gt, "--protocol", "syncdreamer", "--syncdreamer-object", "sofa"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["chamfer_distance"] < 2e-3
+    assert result["gt_rotation"]["syncdreamer_object"] == "sofa"
+    assert result["gt_rotation"]["syncdreamer_angle_deg"] == -90.0
+    assert main(["eval", "--pred", pred, "--gt", gt, "--gt-rotation-deg", "-90", "--protocol", "surface"]) == 0
+    assert json.loads(capsys.readouterr().out)["volume_iou"] > 0.97
+    assert main(["eval", "--pred", pred, "--gt", gt, "--syncdreamer-object", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unknown SyncDreamer object 'nope'" in err

@@ -3,7 +3,7 @@
 ``evaluate(pred, gt, protocol)`` returns the metrics JSON of ../shared/conventions.md:
 ``chamfer_distance``, ``volume_iou``, ``f_score`` {threshold: value}, ``protocol`` (every choice,
 in words: see protocols.py), ``n_points``, ``grid_resolution``, plus details (both Chamfer
-directions, IoU per grid size, point counts, the ICP transform, seconds).
+directions, IoU per grid size, point counts, the ground truth's rotation, the ICP transform, seconds).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Sequence, Union
 import numpy as np
 
 from lift3d.errors import UserError
-from lift3d.evaluation.protocols import Protocol, get_protocol, surface_points, visible_points, voxel_downsample
+from lift3d.evaluation.protocols import (Protocol, get_protocol, gt_rotation, surface_points, visible_points,
+                                         voxel_downsample)
 
 
 def nearest_distances(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -114,6 +115,9 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
     else:
         proto = get_protocol(str(protocol), **options)
     gt_mesh, _, _ = normalize_mesh(_geometry(_load(gt)))
+    turn = np.eye(4)
+    turn[:3, :3] = gt_rotation(proto.gt_rotation_deg)    # SyncDreamer turns its ground truth once normalised
+    gt_mesh.apply_transform(turn)
     pred_mesh = _geometry(_load(pred))
     if proto.normalize_pred:
         pred_mesh, _, _ = normalize_mesh(pred_mesh)
@@ -148,6 +152,7 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
         ious[str(res)] = volume_iou(occ_pred, occ_gt)
     result.update(volume_iou=ious[str(proto.iou_resolutions[0])], volume_iou_by_resolution=ious,
                   grid_resolution=int(proto.iou_resolutions[0]))
+    result["gt_rotation"] = {"syncdreamer_angle_deg": float(proto.gt_rotation_deg), "matrix": turn[:3, :3].tolist()}
     if proto.icp:
         result["icp_transform"] = transform.tolist()
     result["seconds"] = time.time() - t0

@@ -11,6 +11,10 @@
 - ``surface-icp``: like ``surface``, but both meshes are normalised and the prediction is
   rigidly aligned to the ground truth by ICP (for predictions from other methods and frames).
 
+Any protocol can turn the normalised ground truth about z by SyncDreamer's per-object angle
+(``gt_rotation_deg``; :data:`SYNCDREAMER_GT_ANGLE_DEG` by object), as SyncDreamer's evaluation does,
+for predictions made from SyncDreamer's published renders of its GSO objects.
+
 Chamfer everywhere: unsquared Euclidean nearest-neighbour distances, the mean of the two
 directions' means. Distances are in the ground truth's normalised frame (longest side 1).
 """
@@ -29,6 +33,22 @@ EVAL_RESOLUTION = 256
 EVAL_FOVY_DEG = float(np.degrees(2 * np.arctan(128 / 280)))   # 49.134
 EVAL_N_VIEWS = 16
 
+# SyncDreamer's eval_mesh.py (get_gt_rotate_angle) turns each ground-truth mesh about z by an angle
+# chosen per object, so that it lines up with SyncDreamer's published renders of it (lift3d's
+# evaluation cameras are the same as SyncDreamer's: view 0 on +x, azimuth towards +y). The keys
+# are the 30 object aliases of its GSO evaluation set; the objects it does not turn have 0.
+_SYNCDREAMER_ANGLE_GROUPS = {
+    -90.0: ("sofa",),
+    270.0: ("blocks", "alarm", "backpack", "chicken", "soap", "grandfather", "grandmother", "lion", "lunch_bag",
+            "mario", "oil"),
+    180.0: ("elephant", "school_bus1"),
+    225.0: ("school_bus2", "shoe", "train", "turtle"),
+    112.5: ("sorter",),
+    0.0: ("bell", "cream", "hat", "leather", "shoe1", "shoe2", "shoe3", "sorting_board", "stucking_cups", "teapot",
+          "toaster"),
+}
+SYNCDREAMER_GT_ANGLE_DEG = {name: angle for angle, names in _SYNCDREAMER_ANGLE_GROUPS.items() for name in names}
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -46,6 +66,7 @@ class Protocol:
     inside_test: str = "ray-vote"           # see inside.py
     inside_directions: int = 7
     seed: int = 0
+    gt_rotation_deg: float = 0.0            # SyncDreamer's per-object angle (see gt_rotation); 0: none
 
     def describe(self) -> dict:
         """Every choice, in words, for the metrics JSON."""
@@ -65,9 +86,7 @@ class Protocol:
             "normalization": ("ground truth: scaled so the longest bounding-box side is 1, bounding box centred at "
                               "the origin; prediction: " + ("normalised the same way" if self.normalize_pred else
                                                             "as given (assumed to be in the ground truth's frame)")),
-            "alignment": (f"rigid point-to-point ICP of the prediction onto the ground truth ({self.icp_iterations} "
-                          f"iterations, {self.icp_points} points each)" if self.icp else
-                          "none (no ICP, no rotation search, no per-object rotation)"),
+            "alignment": self._alignment(),
             "points": points,
             "chamfer": "unsquared Euclidean nearest-neighbour distances; (mean pred->gt + mean gt->pred) / 2",
             "f_score": ("per threshold tau: 2PR/(P+R), P = fraction of prediction points within tau of the ground "
@@ -79,6 +98,17 @@ class Protocol:
                             if self.inside_test == "ray-vote" else
                             "generalised winding number > 0.5 (brute force)"),
         }
+
+    def _alignment(self) -> str:
+        if not (self.icp or self.gt_rotation_deg):
+            return "none (no ICP, no rotation search, no per-object rotation)"
+        parts = []
+        if self.gt_rotation_deg:
+            parts.append(f"ground truth turned about z after normalisation by SyncDreamer's per-object angle "
+                         f"{self.gt_rotation_deg:g} deg (a rotation of {-self.gt_rotation_deg:g} deg about +z)")
+        parts.append(f"rigid point-to-point ICP of the prediction onto the ground truth ({self.icp_iterations} "
+                     f"iterations, {self.icp_points} points each)" if self.icp else "no ICP, no rotation search")
+        return "; ".join(parts)
 
 
 PROTOCOLS = {
@@ -98,6 +128,27 @@ def get_protocol(name: str, **overrides) -> Protocol:
     if bad:
         raise UserError(f"unknown protocol option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
     return dataclasses.replace(PROTOCOLS[name], **overrides)
+
+
+def syncdreamer_gt_angle(name: str) -> float:
+    """SyncDreamer's ground-truth angle for one of its GSO evaluation objects (``sofa`` -> -90)."""
+    from lift3d.errors import UserError
+
+    if name not in SYNCDREAMER_GT_ANGLE_DEG:
+        raise UserError(f"unknown SyncDreamer object '{name}'; its GSO evaluation objects are "
+                        f"{', '.join(sorted(SYNCDREAMER_GT_ANGLE_DEG))}")
+    return SYNCDREAMER_GT_ANGLE_DEG[name]
+
+
+def gt_rotation(angle_deg: float) -> np.ndarray:
+    """The 3x3 rotation SyncDreamer applies to a normalised ground truth for its angle ``angle_deg``.
+
+    Its eval_mesh.py (transform_gt) builds R with transforms3d's ``euler2mat(-radians(angle), 0, 0,
+    'szyx')``: a rotation about z by minus the angle; vertices become ``vertices @ R.T``. So sofa's
+    -90 turns +x to +y (counter-clockwise seen from above); checked against transforms3d 0.4.2.
+    """
+    a = np.radians(-float(angle_deg))
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
 
 
 def eval_cameras():
