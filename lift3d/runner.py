@@ -190,8 +190,8 @@ class Experiment:
             io.remove_orphans(self.trial_dir)
             if mode == "train":
                 self.train()
+                self.export()      # first: the turntable and the summary show the exported mesh
                 self.test()
-                self.export()
             else:
                 self.restore(self.exp.resume)
                 self.system.setup(self.data, self.context(), train=False)
@@ -333,6 +333,9 @@ def _check_trainer(t) -> None:
 def _metrics_line(metrics: dict) -> str:
     keys = ("chamfer_distance", "volume_iou")
     parts = [f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float))]
+    ref = metrics.get("reference_view") or {}
+    parts += [f"reference_view_{k}={ref[k]:.{d}f}" for k, d in (("psnr", 2), ("silhouette_iou", 3), ("see_through", 4))
+              if isinstance(ref.get(k), (int, float))]
     return " ".join(parts)
 
 

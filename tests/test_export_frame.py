@@ -72,9 +72,9 @@ def test_glb_is_y_up_with_normals(exports):
     lo, hi = raw.bounds
     extent = hi - lo
     assert np.argmax(extent) == 1                                   # tallest along glTF +y
-    assert np.allclose(extent, [2 * SEMI_AXES[0], 2 * SEMI_AXES[2], 2 * SEMI_AXES[1]], atol=0.07)
-    centre = (lo + hi) / 2                                          # (x, z, -y) of the world centre
-    assert np.allclose(centre, [CENTER[0], CENTER[2], -CENTER[1]], atol=0.02)
+    assert np.allclose(extent, [2 * SEMI_AXES[1], 2 * SEMI_AXES[2], 2 * SEMI_AXES[0]], atol=0.07)
+    centre = (lo + hi) / 2                                          # (y, z, x) of the world centre
+    assert np.allclose(centre, [CENTER[1], CENTER[2], CENTER[0]], atol=0.02)
     primitive = _glb_json(paths["glb"])["meshes"][0]["primitives"][0]
     assert {"POSITION", "NORMAL", "TEXCOORD_0"} <= set(primitive["attributes"])
     # Normals point outwards: along the vector from the centre.
@@ -87,7 +87,7 @@ def test_glb_is_y_up_with_normals(exports):
 def test_obj_frames_normals_and_info(exports):
     y_obj = exports["y"]["obj"]
     text = open(y_obj).read()
-    assert text.startswith("# lift3d export frame: up_axis=y")
+    assert text.startswith("# lift3d export frame: up_axis=y front=+z")
     n_v, n_vn = text.count("\nv "), text.count("\nvn ")
     assert n_v == n_vn > 100
     raw = trimesh.load(y_obj, force="mesh", process=False)
@@ -205,3 +205,27 @@ def test_export_with_reference_view_uses_its_mask(tmp_path):
     info = json.load(open(paths["info"]))
     assert info["level_method"].startswith("auto: reference")
     assert info["level_details"]["silhouette_iou"] > 0.9 and 0 < info["threshold"] <= info["level_details"]["surface_level"]
+
+
+def test_reference_view_faces_gltf_front(exports):
+    # The reference camera (azimuth 0) looks from world +x: in the GLB that side is glTF's front, +z, and the
+    # camera's image-right (world +y) is file +x, as a viewer's default front camera shows it.
+    raw = trimesh.load(exports["y"]["glb"], force="mesh", process=False)
+    world = np.asarray(_ellipsoid().vertices)
+    file_points = world @ np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]).T
+    lo, hi = raw.bounds
+    assert np.allclose((lo + hi) / 2, (file_points.min(0) + file_points.max(0)) / 2, atol=0.02)
+    info = json.load(open(exports["y"]["info"]))
+    assert info["files"]["model.glb"]["reference_view_side"] == "+z"
+
+
+def test_exports_in_the_earlier_frame_still_load(tmp_path):
+    # An OBJ written before the input view moved to +z: its marker lacks "front=+z"; file = world (x, z, -y).
+    world = _ellipsoid()
+    legacy = world.copy()
+    legacy.vertices = np.asarray(world.vertices) @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]]).T
+    text = legacy.export(file_type="obj")
+    path = tmp_path / "old.obj"
+    path.write_text("# lift3d export frame: up_axis=y\n" + text)
+    back = load_mesh(str(path))
+    assert np.allclose(back.bounds, world.bounds, atol=1e-5)

@@ -1,9 +1,10 @@
 """Textured mesh export of a trained field: ``model.obj`` + ``model.mtl`` + ``model.png`` and ``model.glb``.
 
 density grid -> level (level.py: chosen from the field, unless a threshold is configured) ->
-iso-surface (isosurface.py) -> xatlas UVs -> texture baked from the field's colour at each texel's
-surface point (texture.py) -> files, each written atomically, and ``model_info.json`` saying what
-was done. Files are y-up by default (glTF's convention, Blender's OBJ import default); see
+iso-surface (isosurface.py) -> xatlas UVs -> texture baked from rendered views of the field and the
+input photo, projected onto the surface with visibility and view-angle weights (view_bake.py; or
+from the field's colour near each texel, texture.py) -> files, each written atomically, and
+``model_info.json`` saying what was done. Files are y-up by default (glTF's convention, Blender's OBJ import default); see
 frame.py. ``lift3d.mesh.load_mesh`` reads them back in the z-up world frame of the cameras, so
 the mesh is scored against a ground truth where it was trained.
 """
@@ -19,12 +20,13 @@ from typing import Any, Optional
 import numpy as np
 
 from lift3d.errors import UserError
-from lift3d.export.frame import OBJ_MARKER, EXTRAS_KEY, UP_AXES, file_from_world, frame_description, info_path_for
+from lift3d.export.frame import EXTRAS_KEY, UP_AXES, file_from_world, frame_description, info_path_for, marker_text
 from lift3d.utils import io
 
 log = logging.getLogger("lift3d")
 
 LEVELS = ("auto", "ring")
+BAKES = ("views", "volume", "surface")
 UNITS = ("lift3d world units, the object's reference frame: the frame of the cameras the field was trained "
          "with (camera distance and field radius are in these units). The bundled examples and GSO ground "
          "truths are normalised to a longest bounding-box side of 1; no metric scale is known.")
@@ -47,15 +49,23 @@ class ExportConfig:
     upsample: int = 2
     blur_kernel: int = 7
     erode: int = 0                        # grey erosion size (3drec used 5); 0: none
+    # Edit the grid so the surface agrees with the reference mask at the chosen level (mask_fit.py): empty
+    # where the input camera sees background, closed where its mask is solid, enclosed cavities filled.
+    fit_mask: bool = True
     min_component_fraction: float = 0.05  # drop components with less area than this x the largest
     max_faces: int = 30000                # decimate before xatlas (xatlas time grows fast with faces)
     texture_size: int = 1024
     texture_padding: int = 0              # texels between xatlas charts; 0: texture_size / 256, at least 2
-    bake: str = "volume"                  # volume: render a short ray along the normal | surface: colour at the point
-    bake_depth: float = 0.0               # half-length of that ray; 0: two cells of the density grid
+    # views: project renders of the field (decoded, for a latent field) and the input photo onto the surface
+    # (view_bake.py) | volume: the field's colour on a short ray along the normal | surface: colour at the point
+    bake: str = "views"
+    bake_size: int = 0                    # views: render size of the baked views; 0: the data's eval size
+    input_weight: float = 100.0           # views: the input photo's weight against one rendered view's
+    bake_depth: float = 0.0               # volume: half-length of that ray; 0: two cells of the density grid
     bake_samples: int = 8
     glb: bool = True
-    up_axis: str = "y"                    # y: glTF / Blender-import convention (file y = world z); z: world frame
+    up_axis: str = "y"                    # y: glTF / Blender-import convention (file y = world z, the input
+    #                                       view on file +z); z: the world frame
 
 
 def _check(cfg: ExportConfig) -> None:
@@ -68,7 +78,9 @@ def _check(cfg: ExportConfig) -> None:
         (cfg.upsample < 1, "upsample must be >= 1"),
         (cfg.blur_sigma < 0, "blur_sigma must be >= 0 (0: no blur)"),
         (cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0, "blur_kernel must be odd and >= 1"),
-        (cfg.bake not in ("volume", "surface"), f"bake must be 'volume' or 'surface', got '{cfg.bake}'"),
+        (cfg.bake not in BAKES, f"bake must be one of {', '.join(BAKES)}, got '{cfg.bake}'"),
+        (cfg.bake_size < 0, "bake_size must be >= 0 (0: the data's eval size)"),
+        (not cfg.input_weight >= 0, "input_weight must be >= 0 (0: the input photo is not projected)"),
         (cfg.bake_samples < 1, "bake_samples must be >= 1"),
     ]
     for bad, message in problems:
@@ -117,11 +129,14 @@ def field_color_fn(geometry, bake: str = "volume", depth: float = 0.02, samples:
     return color
 
 
-def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None) -> dict:
+def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=None, eval_size: int = 256) -> dict:
     """Export ``geometry`` (a BaseGeometry) to ``out_dir``; returns {"obj", "mtl", "texture", "glb", "info"} paths.
 
-    ``reference`` (a ReferenceView, optional) lets the automatic level match the user's image:
-    its camera and mask. The level is ``cfg.threshold`` if set, else ``cfg.relative_threshold`` x
+    ``reference`` (a ReferenceView, optional) lets the automatic level match the user's image
+    (its camera and mask) and is projected onto the texture. ``render(cameras)`` -> (rgb on white
+    (B, H, W, 3), opacity (B, H, W, 1)) draws the field for ``bake="views"`` (the system's renderer:
+    it decodes a latent field, whose RGB may be larger than the cameras); without it the texture
+    comes from the field's colour. ``eval_size``: the bake views' size when ``bake_size`` is 0. The level is ``cfg.threshold`` if set, else ``cfg.relative_threshold`` x
     mean density if set, else automatic (level.py). A configured level that leaves the field
     empty (or full) falls back to the automatic one, with a warning and a note in model_info.json.
     Raises UserError only when the field itself is empty, diverged or degenerate.
@@ -138,10 +153,16 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None) -> dict
     radius = float(geometry.cfg.radius)
     vertices, faces, info = _surface(grid, radius, cfg, reference)
     info["seconds_surface"] = time.time() - t0
-    depth = cfg.bake_depth if cfg.bake_depth > 0 else 2 * (2 * radius / cfg.resolution)
-    color_fn = field_color_fn(geometry, cfg.bake, depth, cfg.bake_samples)
+    if cfg.bake == "views" and render is not None:
+        color_fn = _view_color_fn(vertices, faces, reference, render, cfg.bake_size or eval_size, cfg.input_weight,
+                                  info)
+    else:
+        depth = cfg.bake_depth if cfg.bake_depth > 0 else 2 * (2 * radius / cfg.resolution)
+        color_fn = field_color_fn(geometry, "volume" if cfg.bake == "views" else cfg.bake, depth, cfg.bake_samples)
+        info["bake"] = "field colour near the surface" if color_fn else "none"
     if color_fn is None:
-        log.warning("the field stores latents, not RGB: the exported texture is plain grey")
+        log.warning("the field stores latents and no renderer was given to decode them: the exported texture is "
+                    "plain grey")
         color_fn = lambda p, n: np.full((len(p), 3), 0.5, np.float32)  # noqa: E731
     paths = write_textured_mesh(out_dir, vertices, faces, color_fn, texture_size=cfg.texture_size,
                                 padding=cfg.texture_padding, glb=cfg.glb, info=info, up_axis=cfg.up_axis)
@@ -153,9 +174,45 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None) -> dict
     return paths
 
 
+def _view_color_fn(vertices: np.ndarray, faces: np.ndarray, reference, render, size: int, input_weight: float,
+                   info: dict):
+    """``color(points, normals)`` from renders of the field at the bake cameras and the input photo."""
+    import trimesh
+
+    from lift3d.export.view_bake import BakeView, bake_cameras, bake_from_views, views_from_renders
+
+    t0 = time.time()
+    if reference is not None:
+        camera = reference.camera
+        distance, fovy = float(camera.distance[0]), float(camera.fovy_deg[0])
+    else:
+        from lift3d.cameras import Cameras
+
+        camera, distance, fovy = Cameras.from_spherical(15.0, 0.0, 2.0, 49.13, 1, 1), 2.0, 49.13
+    cameras = bake_cameras(camera, distance, fovy, size)
+    rgb, opacity = render(cameras)
+    views = views_from_renders(cameras, rgb, opacity)
+    if reference is not None and input_weight > 0:
+        rgba = reference.rgba.float().cpu().numpy()
+        views.append(BakeView(camera[:1].to("cpu"), rgba[..., :3], rgba[..., 3], input_weight))
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    info["seconds_bake_renders"] = time.time() - t0
+
+    def color(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+        colours, seen = bake_from_views(mesh, points, normals, views)
+        info["bake"] = (f"views: {len(cameras)} renders of the field at {rgb.shape[1]} px"
+                        + (f" and the input photo (weight {input_weight:g})" if len(views) > len(cameras) else "")
+                        + "; texels no view saw take the nearest seen texel's colour")
+        info["texels_seen"] = float(seen.mean()) if len(seen) else 0.0
+        return colours
+
+    return color
+
+
 def _surface(grid: np.ndarray, radius: float, cfg: ExportConfig, reference) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The iso-surface at the configured level, or the automatic one (also when the configured one is empty)."""
-    from lift3d.export.isosurface import pick_threshold, surface_at_level
+    """The iso-surface at the configured level, or the automatic one (also when the configured one is empty),
+    of the grid fitted to the reference mask (``cfg.fit_mask``)."""
+    from lift3d.export.isosurface import pick_threshold
 
     fallback = None
     if cfg.threshold is not None or cfg.relative_threshold is not None:
@@ -163,19 +220,32 @@ def _surface(grid: np.ndarray, radius: float, cfg: ExportConfig, reference) -> t
         method = ("absolute threshold (system.export.threshold)" if cfg.threshold is not None else
                   f"relative threshold ({cfg.relative_threshold:g} x mean density)")
         try:
-            vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces)
-            info.update(level_method=method)
-            return vertices, faces, info
+            return _surface_at(grid, radius, level, cfg, reference, {"level_method": method})
         except UserError as e:
             if "NaN" in str(e):
                 raise
             fallback = f"the configured {method} {level:.4g} gave no usable surface ({e}); used the automatic level"
             log.warning("export: %s", fallback)
     level, details = auto_level(grid, radius, cfg.level, reference)
-    vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces)
-    info.update(level_method=details.pop("method"), level_details=details)
+    extra = {"level_method": details.pop("method"), "level_details": details}
     if fallback:
-        info["level_fallback"] = fallback
+        extra["level_fallback"] = fallback
+    return _surface_at(grid, radius, level, cfg, reference, extra)
+
+
+def _surface_at(grid: np.ndarray, radius: float, level: float, cfg: ExportConfig, reference, extra: dict):
+    from lift3d.export.isosurface import surface_at_level
+
+    seen = None
+    if cfg.fit_mask and reference is not None and np.isfinite(grid).all():
+        from functools import partial
+
+        from lift3d.export.mask_fit import components_seen, fit_to_mask
+
+        grid, extra["mask_fit"] = fit_to_mask(grid, radius, level, reference.camera, reference.mask)
+        seen = partial(components_seen, camera=reference.camera, mask=reference.mask)
+    vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces, seen)
+    info.update(extra)
     return vertices, faces, info
 
 
@@ -215,7 +285,7 @@ def write_textured_mesh(out_dir: str, vertices: np.ndarray, faces: np.ndarray, c
     split_vertices, split_faces, uv, vmapping, atlas = unwrap(vertices, faces, texture_size, padding)
     info["seconds_unwrap"] = time.time() - t0
     t0 = time.time()
-    image, coverage = bake_texture(split_vertices, split_faces, uv, color_fn, texture_size)
+    image, coverage = bake_texture(split_vertices, split_faces, uv, color_fn, texture_size, chunk=None)
     info.update(seconds_bake=time.time() - t0, texture_coverage=coverage, texture_size=texture_size,
                 texture_atlas=atlas, vertices_uv=int(len(split_vertices)))
     paths = {"obj": os.path.join(out_dir, f"{name}.obj"), "mtl": os.path.join(out_dir, f"{name}.mtl"),
@@ -255,7 +325,7 @@ def _obj_text(vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray, uv: 
     """
     p = vmapping[uv_faces] + 1
     t = uv_faces + 1
-    lines = [f"{OBJ_MARKER} up_axis={up_axis}",
+    lines = [marker_text(up_axis),
              f"# lift3d export: {len(vertices)} vertices, {len(faces)} faces, {len(uv)} texture coordinates; "
              "frame and units in model_info.json",
              f"mtllib {mtl_name}", "o model"]
@@ -277,7 +347,7 @@ def _write_glb(path: str, vertices: np.ndarray, normals: np.ndarray, faces: np.n
                                                    roughnessFactor=1.0, doubleSided=False)
     mesh = trimesh.Trimesh(vertices, faces, vertex_normals=normals, process=False,
                            visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
-                           metadata={EXTRAS_KEY: {"up_axis": "y"}})
+                           metadata={EXTRAS_KEY: {"up_axis": "y", "front": "+z"}})
     data = mesh.export(file_type="glb", include_normals=True, tree_postprocessor=_buffer_view_targets)
     with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:

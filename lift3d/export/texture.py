@@ -7,7 +7,7 @@ u = (col + 0.5) / S, v = 1 - (row + 0.5) / S.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -117,16 +117,17 @@ def face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, color_fn: Callable, size: int = 1024,
-                 chunk: int = 65536) -> tuple[np.ndarray, float]:
+                 chunk: Optional[int] = 65536) -> tuple[np.ndarray, float]:
     """An (S, S, 3) uint8 texture: ``color_fn(points, normals)`` -> RGB in [0, 1] at each texel.
 
     ``points`` (N, 3) are the texels' positions on the surface, ``normals`` (N, 3) the outward
     normals of their faces. Returns the image and the fraction of texels covered by a triangle
-    (before padding).
+    (before padding). ``chunk``: texels per ``color_fn`` call; None: all in one call.
     """
     rows, cols, face_id, bary = rasterize_uv(uv, faces, size)
     points = np.einsum("kj,kjd->kd", bary, vertices[faces[face_id]])
     normals = face_normals(vertices, faces)[face_id]
+    chunk = chunk or max(len(points), 1)
     colors = np.concatenate([np.asarray(color_fn(points[i:i + chunk], normals[i:i + chunk]), dtype=np.float32)
                              for i in range(0, len(points), chunk)] or [np.zeros((0, 3), np.float32)])
     image = np.zeros((size, size, 3), np.float32)

@@ -52,6 +52,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
+REFERENCE_BACKGROUNDS = ("random", "white")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
 
 
@@ -74,6 +75,11 @@ class ImageTo3D(BaseSystem):
         # Render the reference view on every s-th pixel row and column, at a random phase each step:
         # 1/s^2 of its rays per step, every pixel once per s^2 steps on average. (RGB fields only.)
         reference_stride: int = 1
+        # The reference view's background while training: "random" draws one colour per step and composites
+        # the input on it, so the field cannot make a white part of the object out of empty space in front
+        # of a white background (it must be opaque wherever the mask is); "white" is the input as shown.
+        # A latent field renders its own background (its reference is compared after decoding).
+        reference_background: str = "random"
 
     def __init__(self, cfg: Any = None, path: str = "system"):
         super().__init__(cfg, path)
@@ -84,6 +90,9 @@ class ImageTo3D(BaseSystem):
         self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
                                                           background=self.background, path=f"{path}.renderer")
         self.guidance = None  # built by prepare_guidance: --test and --export never load it
+        if c.reference_background not in REFERENCE_BACKGROUNDS:
+            raise ConfigError(f"{path}.reference_background must be one of {', '.join(REFERENCE_BACKGROUNDS)}, "
+                              f"got '{c.reference_background}'")
         if c.reference_stride < 1 or (c.reference_stride > 1 and self.latent_field):
             raise ConfigError(f"{path}.reference_stride must be a whole number >= 1 (and 1 for a latent field, "
                               f"whose reference render is decoded as a whole), got {c.reference_stride}")
@@ -166,17 +175,20 @@ class ImageTo3D(BaseSystem):
         return self.guidance.decode_features(images)
 
     @torch.no_grad()
-    def render_views(self, cameras: Cameras, chunk: int = 4, panels: bool = False):
+    def render_views(self, cameras: Cameras, chunk: int = 4, panels: bool = False, opacity: bool = False):
         """RGB images (H,W,3) for evaluation, a few views at a time to bound memory. With ``panels``,
-        {"rgb", "normal", "depth", "opacity"}: (B,H,W,3) batches (see lift3d.utils.figures)."""
+        {"rgb", "normal", "depth", "opacity"}: (B,H,W,3) batches (see lift3d.utils.figures); with
+        ``opacity``, {"rgb", "alpha"}: the RGB and the (B,H,W,1) opacity at its size."""
         was_training = self.training
         self.eval()
         parts = []
         for i in range(0, len(cameras), chunk):
             out = self.render(cameras[i:i + chunk], normals=panels)
             part = {"rgb": self.to_rgb(out["comp_rgb"]).clamp(0, 1)}
-            if panels:  # at the RGB's size (a latent field's decoded RGB is larger than its render)
-                size = part["rgb"].shape[1:3]
+            size = part["rgb"].shape[1:3]   # a latent field's decoded RGB is larger than its render
+            if opacity:
+                part["alpha"] = resize(out["opacity"], size, channels_last=True).clamp(0, 1)
+            if panels:
                 part.update({k: resize(v, size, channels_last=True) for k, v in (
                     ("normal", figures.normal_image(out["comp_normal"], out["opacity"])),
                     ("depth", figures.depth_image(out["depth"], out["opacity"], self._background_depth)),
@@ -184,7 +196,7 @@ class ImageTo3D(BaseSystem):
             parts.append({k: v.cpu() for k, v in part.items()})
         self.train(was_training)
         batches = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return batches if panels else list(batches["rgb"])
+        return batches if panels or opacity else list(batches["rgb"])
 
     # ------------------------------------------------------------------ training
 
@@ -216,10 +228,16 @@ class ImageTo3D(BaseSystem):
         # 1. Reference view. A latent field renders at latent resolution and is decoded to RGB.
         if w["rgb"] or w["mask"] or w["depth_smooth_ref"]:
             camera, pixels = self._reference_pixels()
-            out = self.render(camera, bg_color=None if self.latent_field else self._white())
+            bg = self._reference_background()
+            out = self.render(camera, bg_color=bg)
             if w["rgb"]:
                 rgb = self.to_rgb(out["comp_rgb"])
-                target = resize(pixels(reference.rgb)[None], rgb.shape[1:3], mode="area", channels_last=True)
+                # Premultiplied before resizing: the colour of fully transparent pixels is meaningless.
+                alpha = pixels(reference.mask)
+                premultiplied = torch.cat([pixels(reference.rgba[..., :3]) * alpha, alpha], -1)
+                rgba = resize(premultiplied[None], rgb.shape[1:3], mode="area", channels_last=True)
+                on = bg if bg is not None else torch.ones(3, device=rgba.device)
+                target = rgba[..., :3] + on * (1 - rgba[..., 3:])
                 terms["rgb"] = losses.masked_rgb_mse(rgb, target)
             if w["mask"]:
                 mask = resize(pixels(reference.mask)[None], out["opacity"].shape[1:3], mode="area",
@@ -294,14 +312,50 @@ class ImageTo3D(BaseSystem):
     def export(self, out_dir: str) -> dict:
         from lift3d.export.mesh import export_mesh
 
-        return export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference)
+        render = None
+        if not self.latent_field or self.guidance is not None:
+            render = self._bake_render
+        return export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference, render=render,
+                           eval_size=self.data.cfg.eval_height)
+
+    def _bake_render(self, cameras: Cameras):
+        """(rgb on white, opacity) of ``cameras`` for the texture; a latent field renders latents at 1/f
+        of the size and decodes them to the full size."""
+        if self.latent_field:
+            f = self.guidance.latent_factor
+            cameras = cameras.with_size(max(cameras.height // f, 1), max(cameras.width // f, 1))
+        out = self.render_views(cameras.to(self.device), opacity=True)
+        return out["rgb"], out["alpha"]
 
     def metrics(self, exported: dict, protocol: str) -> Optional[dict]:
-        if not self.data.gt_mesh:
-            return None
-        from lift3d.evaluation.metrics import evaluate
+        """The exported mesh's scores: ``reference_view`` (rendered from the input camera against the
+        input) and ``field_views`` (against the field's own renders at the validation views) always;
+        with a ground-truth mesh, the geometry metrics of ``protocol`` and ``gt_views`` (texture against
+        the ground truth's at the evaluation views, when it has one)."""
+        from lift3d.evaluation.appearance import compare_views, gt_view_scores, reference_view_scores, render_albedo
+        from lift3d.mesh.io import load_mesh
 
-        return evaluate(exported["obj"], self.data.gt_mesh, protocol=protocol)
+        mesh = load_mesh(exported.get("glb") or exported["obj"])      # as a viewer opens it, in the world frame
+        result: dict = {}
+        if self.data.gt_mesh:
+            from lift3d.evaluation.metrics import evaluate
+            from lift3d.mesh.io import normalize_mesh
+
+            result = evaluate(exported["obj"], self.data.gt_mesh, protocol=protocol)
+            views = gt_view_scores(mesh, normalize_mesh(load_mesh(self.data.gt_mesh))[0])
+            if views is not None:
+                result["gt_views"] = views
+        result["reference_view"] = reference_view_scores(mesh, self.reference.camera, self.reference.rgba)
+        cameras = self.data.val_views()
+        field = self.render_views(cameras.to(self.device), opacity=True)
+        cameras = cameras.with_size(*field["rgb"].shape[1:3])
+        ours = render_albedo(mesh, cameras)
+        rows = [compare_views(ours[i], torch.cat([field["rgb"][i], field["alpha"][i]], -1)) for i in range(len(cameras))]
+        result["field_views"] = {"psnr": sum(r["psnr_image"] for r in rows) / len(rows),
+                                 "silhouette_iou": sum(r["silhouette_iou"] for r in rows) / len(rows),
+                                 "note": f"the textured mesh against the field's renders at the {len(rows)} validation "
+                                         "views (whole images on white)"}
+        return result
 
     @property
     def device(self) -> torch.device:
@@ -311,7 +365,12 @@ class ImageTo3D(BaseSystem):
     def _background_depth(self) -> float:
         return float(getattr(getattr(self.renderer, "cfg", None), "background_depth", 0.0))
 
-    def _white(self) -> torch.Tensor:
+    def _reference_background(self) -> Optional[torch.Tensor]:
+        """This step's background colour for the reference view (None: a latent field's own)."""
+        if self.latent_field:
+            return None
+        if self.cfg.reference_background == "random":
+            return torch.rand(self.geometry.n_feature_dims, device=self.device)
         return torch.ones(self.geometry.n_feature_dims, device=self.device)
 
 
