@@ -143,7 +143,8 @@ def test_bench_finds_packaged_configs_by_name_as_launch_does(tmp_path):
                             reconstruct=fake_reconstruct())
         assert summary["n_ok"] == 1
         result = json.load(open(os.path.join(str(tmp_path / name), "results", "mug.json")))
-        assert result["config"] == os.path.abspath(resolve_config("oracle")) and result["config"].endswith("oracle.yaml")
+        assert result["config"] == os.path.abspath(resolve_config("oracle"))
+        assert result["config"].endswith("oracle.yaml")
 
 
 def test_bench_ray_backend(tmp_path):
