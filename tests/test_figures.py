@@ -58,16 +58,46 @@ def test_loss_log_survives_a_kill_and_continues_on_resume(tmp_path):
     assert read_rows(path) == [] and open(path).read() == "step\n"
 
 
+def test_loss_panels_put_diagnostics_apart_and_log_only_positive_terms():
+    nan = float("nan")
+    columns = {"loss": [2.0, 1.0], "loss_rgb": [nan, 0.1], "loss_orient": [-0.5, 0.2], "loss_sparsity": [0.0, 1.0],
+               "guidance_t": [358.0, 423.0], "guidance_grad_norm": [-1.0, 2.0], "lr": [0.01, 0.01],
+               "loss_opaque": [nan, nan]}
+    assert figures.loss_panels(columns) == [
+        (figures.LOSSES, [("loss", True), ("loss_rgb", True), ("loss_orient", False), ("loss_sparsity", False),
+                          ("loss_opaque", False)]),
+        (figures.DIAGNOSTICS, [("guidance_t", True), ("guidance_grad_norm", False), ("lr", True)])]
+    assert figures.loss_panels({"loss": [1.0]}) == [(figures.LOSSES, [("loss", True)])]   # no empty group
+
+
+def test_running_mean():
+    assert [figures.smoothing_window(n) for n in (1, 4, 6, 60, 400, 4000)] == [1, 1, 3, 3, 21, 201]
+    np.testing.assert_allclose(figures.running_mean([1, 2, 3, 4, 5, 100], 3), [1.5, 2, 3, 4, 109 / 3, 52.5])
+    np.testing.assert_allclose(figures.running_mean([1, 2, 3, 4, 5, 100], 5), [2, 2.5, 3, 22.8, 28, 109 / 3])
+    assert figures.running_mean([4.0, -1.0], 1).tolist() == [4.0, -1.0]                  # window 1: the values
+    np.testing.assert_allclose(figures.running_mean([1, float("nan"), 3, 5], 3), [1, np.nan, 4, 4])  # NaN skipped, kept
+    assert (figures.running_mean([0.01] * 400, 21) == 0.01).all()                          # a constant stays exact
+    v = np.random.default_rng(0).lognormal(size=200)
+    v[[5, 50, 51]] = np.nan
+    direct = [np.nanmean(v[max(i - 10, 0):i + 11]) if np.isfinite(v[i]) else np.nan for i in range(len(v))]
+    np.testing.assert_allclose(figures.running_mean(v, 21), direct, rtol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["pil", "matplotlib"])
 def test_loss_curve(tmp_path, backend):
     if backend == "matplotlib":
         pytest.importorskip("matplotlib")
-    log = LossLog(str(tmp_path / "losses.csv"))
-    for step in range(1, 6):
-        log.append(step, {"loss": 1 / step, "loss_rgb": -step, "guidance_t": 0.5})
-    png = figures.loss_curve(log.path, str(tmp_path / "losses.png"), backend=backend)
-    image = iio.imread(png)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300 and image.std() > 0
+    for rows in (1, 60):
+        log = LossLog(str(tmp_path / f"losses{rows}.csv"))
+        for step in range(10, 10 * rows + 1, 10):
+            terms = {"loss": 100 / step, "loss_rgb": 0.1 * (-1) ** step, "guidance_t": step % 7 * 100, "lr": 0.01}
+            log.append(step, terms | ({"loss_opaque": 1.0 / step} if step > 300 else {}))   # a term starting late
+        log.close()
+        png = figures.loss_curve(log.path, str(tmp_path / f"losses{rows}.png"), backend=backend)
+        image = iio.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] >= 600 and image.std() > 0
+    empty = LossLog(str(tmp_path / "empty.csv"))
+    assert figures.loss_curve(empty.path, str(tmp_path / "empty.png"), backend=backend) is None
 
 
 def test_turntable_lasts_three_seconds():

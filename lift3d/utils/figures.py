@@ -116,13 +116,54 @@ def read_loss_csv(path: str) -> tuple[list, dict]:
     return steps, columns
 
 
+LOSSES = "losses (loss = the weighted total; loss_x = each term, unweighted)"
+DIAGNOSTICS = "diagnostics, not losses"
+
+
+def loss_panels(columns: dict) -> list:
+    """The panels of the loss curve: [(group title, [(column, log y scale?), ...]), ...].
+
+    Columns named ``loss*`` are losses; every other one (the sampled timestep, a gradient norm, the
+    learning rate...) is a diagnostic, drawn in a group of its own. A column gets a log y scale when
+    all its logged values are strictly positive."""
+    def log(values):
+        finite = [v for v in values if math.isfinite(v)]
+        return bool(finite) and min(finite) > 0
+
+    groups = [(LOSSES, [c for c in columns if c.startswith("loss")]),
+              (DIAGNOSTICS, [c for c in columns if not c.startswith("loss")])]
+    return [(title, [(c, log(columns[c])) for c in names]) for title, names in groups if names]
+
+
+def smoothing_window(n: int) -> int:
+    """Points in the running mean over ``n`` logged rows: odd, about n / 20, at least 3 (1, i.e. no
+    smoothing, below 5 rows)."""
+    return 1 if n < 5 else max(3, 2 * (n // 40) + 1)
+
+
+def running_mean(values, window: int) -> np.ndarray:
+    """Centred running mean over ``window`` points (odd), shortened at the ends; NaNs are skipped,
+    and stay NaN. Clipped to the values' range, so that rounding cannot move a constant."""
+    v = np.asarray(values, float)
+    ok = np.isfinite(v)
+    total = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    count = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + window // 2 + 1, len(v))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (total[hi] - total[lo]) / (count[hi] - count[lo])
+    return np.where(ok, np.clip(mean, *(v[ok].min(), v[ok].max()) if ok.any() else (0, 0)), math.nan)
+
+
 def loss_curve(csv_path: str, png_path: str, backend: str = "auto") -> Optional[str]:
-    """Draw every column of the loss log against the step, one small panel each, to ``png_path``.
+    """Draw the loss log to ``png_path``: one panel per column against one shared step axis, the losses
+    first and the diagnostics apart; each panel shows every logged value faint and a centred running
+    mean over them, on a log y scale where the column is positive.
 
     ``backend``: "matplotlib", "pil", or "auto" (matplotlib when it is installed). Returns the path,
     or None when the log has no rows."""
     steps, columns = read_loss_csv(csv_path)
-    if not steps:
+    if not steps or not columns:
         return None
     if backend == "auto":
         try:
@@ -130,58 +171,122 @@ def loss_curve(csv_path: str, png_path: str, backend: str = "auto") -> Optional[
             backend = "matplotlib"
         except ImportError:
             backend = "pil"
-    names = list(columns)
+    groups = loss_panels(columns)
+    window = smoothing_window(len(steps))
+    spacing = (steps[-1] - steps[0]) / max(len(steps) - 1, 1)
+    smoothed = "as logged" if window == 1 else f"running mean of {window}"
+    note = ("dots: each logged value; line: " + ("the same, too few rows to smooth" if window == 1 else
+            f"centred running mean of {window} logged values (~{window * spacing:.0f} steps)"))
+    smooth = {name: running_mean(values, window) for name, values in columns.items()}
+    n_cols = min(3, max(len(names) for _, names in groups))
+    pad = max(0.02 * (steps[-1] - steps[0]), 1)
     if backend == "matplotlib":
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-        n_cols = min(3, len(names))
-        n_rows = math.ceil(len(names) / n_cols)
-        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 2.6 * n_rows), squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            ax.plot(steps, columns[name], lw=1)
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
-        for ax in list(axes.flat)[len(names):]:
-            ax.axis("off")
-        fig.tight_layout()
+        def minor_labels(decades):                         # all under 0.6 decades, 2 and 5 under 2.5, else none
+            return FuncFormatter(lambda v, _: f"{v:g}" if decades < 0.6 or (
+                decades < 2.5 and round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5)) else "")
+
+        heights = [math.ceil(len(names) / n_cols) for _, names in groups]
+        fig = plt.figure(figsize=(4 * n_cols, 2.7 * sum(heights) + 0.5 * len(groups) + 0.4),
+                         layout="constrained")
+        fig.suptitle(note, fontsize=9)
+        shared = None
+        subfigures = np.atleast_1d(fig.subfigures(len(groups), 1, height_ratios=heights))
+        for sub, (title, names), n_rows in zip(subfigures, groups, heights):
+            sub.suptitle(title, fontsize=10, fontweight="bold")
+            for k, (name, log) in enumerate(names):
+                ax = sub.add_subplot(n_rows, n_cols, k + 1, sharex=shared)
+                shared = shared or ax
+                ax.plot(steps, columns[name], ".", ms=4, alpha=0.35, color="C0", label="each logged value")
+                ax.plot(steps, smooth[name], "-", lw=1.5, color="C0", label=smoothed)
+                if log:
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))   # 200, not 2 x 10^2
+                    ax.yaxis.set_minor_formatter(minor_labels(np.log10(ax.get_ylim()[1] / ax.get_ylim()[0])))
+                ax.set_xlim(steps[0] - pad, steps[-1] + pad)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_title(name, fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+                ax.set_ylabel("value (log scale)" if log else "value", fontsize=8)
+                ax.tick_params(labelsize=7, which="both")
+                ax.grid(alpha=0.3, which="both" if log else "major", lw=0.5)
+                if k == 0 and title == LOSSES:
+                    ax.legend(fontsize=7, markerscale=2)
         with io.atomic_path(png_path) as tmp:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)
     else:
-        panels = [("", _pil_plot(name, steps, columns[name])) for name in names]
-        io.save_image(png_path, labelled_grid([panels[i:i + 3] for i in range(0, len(panels), 3)]))
+        rows = []
+        for title, names in groups:
+            panels = [("", _pil_plot(name, steps, columns[name], smooth[name], log)) for name, log in names]
+            rows += [[_pil_heading(title, 320 * n_cols)]]
+            rows += [panels[i:i + n_cols] for i in range(0, len(panels), n_cols)]
+        io.save_image(png_path, labelled_grid(rows, title=note))
     return png_path
 
 
-def _pil_plot(name: str, steps: list, values: list, size=(300, 170)) -> np.ndarray:
-    """One line plot with PIL: title, min/max of y, first/last step."""
+def _pil_heading(text: str, width: int) -> np.ndarray:
+    """A group's heading for the PIL loss curve: the text, twice the default size, over a rule."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((6, 4), text, fill=(0, 0, 0), font=ImageFont.load_default(size=18))
+    draw.line((0, 28, width, 28), fill=(0, 0, 0), width=2)
+    return np.asarray(image)
+
+
+def _pil_plot(name: str, steps: list, values, smooth, log: bool, size=(320, 190)) -> np.ndarray:
+    """One panel without matplotlib: the values as faint dots, the smoothed line over them, y on a log
+    scale when ``log`` (gridlines at powers of ten), x from the first to the last step of the log."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     W, H = size
-    left, right, top, bottom = 52, 8, 16, 16
+    left, right, top, bottom = 68, 8, 16, 26
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((left, 2), name, fill=(0, 0, 0), font=font)
     draw.rectangle((left, top, W - right, H - bottom), outline=(160, 160, 160))
-    pts = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-    if pts:
-        s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        v0, v1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        sx = (W - right - left) / max(s1 - s0, 1)
-        sy = (H - bottom - top) / (v1 - v0 if v1 > v0 else 1.0)
-        xy = [(left + (s - s0) * sx, H - bottom - (v - v0) * sy) for s, v in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=(31, 119, 180), width=1)
-        else:
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
-        draw.text((2, top), f"{v1:.3g}", fill=(0, 0, 0), font=font)
-        draw.text((2, H - bottom - 10), f"{v0:.3g}", fill=(0, 0, 0), font=font)
-        draw.text((left, H - bottom + 2), str(s0), fill=(0, 0, 0), font=font)
-        last = f"step {s1}"
-        draw.text((W - right - font.getlength(last), H - bottom + 2), last, fill=(0, 0, 0), font=font)
+    f = np.log10 if log else np.asarray
+    s0, s1 = steps[0], steps[-1]
+    x = lambda s: left + 4 + (s - s0) * (W - right - left - 8) / max(s1 - s0, 1)  # noqa: E731
+    ys = f(np.asarray([v for v in values if math.isfinite(v)], float))
+    if len(ys):
+        v0, v1 = ys.min(), ys.max()
+        if v1 == v0:                                                            # a constant: centre it
+            v0, v1 = (v0 - 1, v1 + 1) if log else (v0 - (abs(v0) or 1) / 2, v1 + (abs(v1) or 1) / 2)
+        y = lambda v: H - bottom - 4 - (v - v0) * (H - bottom - top - 8) / (v1 - v0)  # noqa: E731
+        if log:                                    # gridlines at powers of ten, labelled clear of min/max
+            for e in range(math.ceil(v0), math.floor(v1) + 1):
+                draw.line((left + 1, y(e), W - right - 1, y(e)), fill=(225, 225, 225))
+                if min(abs(y(e) - y(v0)), abs(y(e) - y(v1))) > 12:
+                    label = f"{10.0 ** e:g}"
+                    draw.text((left - 4 - font.getlength(label), y(e) - 5), label, fill=(120, 120, 120), font=font)
+        for s, v in zip(steps, f(np.asarray(values, float))):
+            if math.isfinite(v):
+                draw.ellipse((x(s) - 1.5, y(v) - 1.5, x(s) + 1.5, y(v) + 1.5), fill=(150, 185, 220))
+        line = [(x(s), y(v)) for s, v in zip(steps, f(np.asarray(smooth, float))) if math.isfinite(v)]
+        if len(line) > 1:
+            draw.line(line, fill=(31, 119, 180), width=2)
+        for v in (v0, v1):
+            value = 10 ** v if log else v
+            label = f"{value:.3g}" if abs(value) < 1000 else f"{value:.4g}"         # 3000, not 3e+03
+            draw.text((left - 4 - font.getlength(label), y(v) - 5), label, fill=(0, 0, 0), font=font)
+    axis = Image.new("RGB", (H - top - bottom, 12), "white")                   # the y title, turned upright
+    ImageDraw.Draw(axis).text((2, 0), "value (log scale)" if log else "value", fill=(0, 0, 0), font=font)
+    image.paste(axis.rotate(90, expand=True), (1, top))
+    spacing = next(k * 10 ** e for e in range(12) for k in (1, 2, 5) if (s1 - s0) / (k * 10 ** e) <= 5)
+    for s in [s0] + list(range(s0 // spacing * spacing + spacing, s1, spacing)) + [s1]:   # round steps
+        label = str(s)
+        at = min(max(x(s) - font.getlength(label) / 2, left), W - right - font.getlength(label))
+        if s in (s0, s1) or min(x(s) - x(s0), x(s1) - x(s)) > 30:
+            draw.line((x(s), H - bottom, x(s), H - bottom + 2), fill=(120, 120, 120))
+            draw.text((at, H - bottom + 3), label, fill=(0, 0, 0), font=font)
+    draw.text(((left + W - right - font.getlength("step")) / 2, H - 12), "step", fill=(0, 0, 0), font=font)
     return np.asarray(image)
