@@ -5,7 +5,9 @@ into that dataclass and rejects unknown keys (naming close matches) and wrong ty
 :func:`validate_tree` walks a whole experiment config before anything is built:
 wherever a block has a key ``X_type`` next to a mapping ``X``, the plugin registered
 under that name validates ``X``. So ``system.loss.lamda_rgb=1`` fails in a fraction of a
-second, not after a model has loaded.
+second, not after a model has loaded. :func:`merge_configs` merges a config into the one it ``extends:``
+and the command line into that: where a plugin type ``X_type`` changes, the old plugin's keys leave ``X``
+with one log line, rather than failing validation under the new plugin.
 
 Any field declared with :func:`schedulable` may be a number or a schedule
 ``[start_step, start_value, end_value, end_step]`` (linear, clamped) or the piecewise form
@@ -26,7 +28,12 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+# Finding and reading config files is lift3d.config_files (lift3d.recipes uses it too, and neither imports this
+# module); its names are re-exported here, where callers have always found them.
+from lift3d.config_files import (CONFIG_DIR, PACKAGE_DIR, config_summary, package_file,  # noqa: F401
+                                 packaged_configs, read_yaml, resolve_base, resolve_config)
 from lift3d.errors import ConfigError
+from lift3d.recipes import apply_example, apply_weights
 
 log = logging.getLogger("lift3d")
 
@@ -195,92 +202,97 @@ class ExperimentConfig:
 SHORTHANDS = {"image": "data.image_path", "gt": "data.gt_mesh"}
 
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")       # the packaged configs (repository-root configs/ links here)
-_CONFIG_EXTS = (".yaml", ".yml")
+# --------------------------------------------------------------------------- merging
 
 
-def packaged_configs() -> dict[str, str]:
-    """Name -> path of every config shipped in ``lift3d/configs/`` (``zero123-sjc-cpu`` -> ``.../zero123-sjc-cpu.yaml``)."""
-    if not os.path.isdir(CONFIG_DIR):
-        return {}
-    return {os.path.splitext(f)[0]: os.path.join(CONFIG_DIR, f)
-            for f in sorted(os.listdir(CONFIG_DIR)) if f.endswith(_CONFIG_EXTS)}
+def _plugin(kind: str, name: Any) -> Optional[type]:
+    """The plugin class ``name`` of ``kind``, or None when there is none (validate_tree names the problem)."""
+    from lift3d.registry import find
 
-
-def config_summary(path: str) -> str:
-    """The first comment line of a config file, without its ``#`` (what ``lift3d configs`` prints)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip().startswith("#"):
-                return line.strip().lstrip("#").strip()
-    return ""
-
-
-def _packaged(name: str) -> Optional[str]:
-    """The packaged config called ``name`` (``zero123-sjc`` or ``zero123-sjc.yaml``), or None."""
-    if os.path.basename(name) != name:     # a name has no directory part
+    try:
+        return None if name is None else find(str(name), kind=kind)
+    except ConfigError:
         return None
-    return packaged_configs().get(os.path.splitext(name)[0] if name.endswith(_CONFIG_EXTS) else name)
 
 
-def resolve_config(name_or_path: str) -> str:
-    """A config argument -> a file: a path that exists wins, else a packaged config name.
-
-    Raises :class:`ConfigError` (one line, naming the packaged configs) when it is neither.
-    """
-    name_or_path = str(name_or_path)
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    found = _packaged(name_or_path)
-    if found is None and os.path.isfile(os.path.join(CONFIG_DIR, name_or_path)):   # recipes/zero123-mini.yaml
-        found = os.path.join(CONFIG_DIR, name_or_path)
-    if found is None:
-        raise ConfigError(f"config '{name_or_path}' not found: no such file and no packaged config of that name "
-                          f"(packaged configs: {', '.join(packaged_configs()) or 'none'})")
-    return found
-
-
-def package_file(rel: str) -> str:
-    """``${pkg:examples/mushroom_rgba.png}`` in a config: the absolute path of a file shipped in the lift3d package."""
-    path = os.path.join(PACKAGE_DIR, *str(rel).split("/"))
-    if not os.path.exists(path):
-        raise ValueError(f"${{pkg:{rel}}}: no file {rel} in the lift3d package ({PACKAGE_DIR})")
-    return path
+def _trim_block(base: dict, over: dict, key: str, old_type: Any, new_type: Any, cleared: bool, path: str) -> None:
+    """Trim the plugin block ``base[key]`` to what the new plugin can take, before ``over`` is merged into it:
+    keys its Config lacks are dropped (they belong to the old plugin and would fail validation); keys it has
+    stay, as a plugin kind's keys of one name mean one thing (``radius``, ``pretrained_model_name_or_path``:
+    recipes/cascade-mini.yaml keeps zero123-mini's guidance settings so); ``cleared`` (``X: null``) drops all.
+    One log line names what was dropped and was not given again in ``over``."""
+    where = f"{path}.{key}" if path else key
+    plugin = _plugin(key, new_type)
+    valid = {f.name for f in dataclasses.fields(plugin.Config)} if hasattr(plugin, "Config") else set()
+    old, given = base[key], over.get(key) or {}
+    base[key] = {} if cleared else {k: v for k, v in old.items() if k in valid}
+    dropped = [f"{where}.{k}" for k in old if k not in base[key] and k not in given]
+    if not dropped or (plugin is None and new_type is not None):     # an unknown type: validate_tree says so
+        return
+    if new_type != old_type:
+        why = f"{where}=null" if cleared else f"not keys of {new_type}"
+        log.warning("%s_type: %s -> %s; dropped %s (%s)", where, old_type, new_type, ", ".join(dropped), why)
+    else:
+        log.warning("%s=null: dropped %s (%s's defaults apply)", where, ", ".join(dropped), new_type)
 
 
-try:
-    OmegaConf.register_resolver("pkg", package_file, replace=True)        # omegaconf >= 2.4
-except TypeError:
-    OmegaConf.register_new_resolver("pkg", package_file, replace=True)    # omegaconf 2.1 - 2.3
+def _trim_blocks(base: dict, over: dict, schema: Optional[type], path: str, nulled: frozenset) -> None:
+    """Prepare ``base`` for merging ``over`` into it (plain containers, changed in place): each plugin block
+    ``X`` whose ``X_type`` ``over`` changes, or that ``over`` sets to null, is trimmed (:func:`_trim_block`);
+    the blocks both have are handled the same way, level by level. ``schema`` (the dataclass of this level,
+    when known) gives the default ``X_type`` where ``base`` names none; ``nulled`` names blocks set to null
+    before ``over`` gave them keys (``X=null X.k=v`` on the command line)."""
+    is_dc = dataclasses.is_dataclass(schema)
+    defaults = {f.name: f.default for f in dataclasses.fields(schema)} if is_dc else {}
+    hints = typing.get_type_hints(schema) if is_dc else {}
+
+    def is_plugin_block(key: str) -> bool:
+        return any(f"{key}_type" in where for where in (base, over, defaults))
+
+    cleared = {key for key in over if is_plugin_block(key)
+               and (over[key] is None or (f"{path}.{key}" if path else key) in nulled)}
+    for key in cleared:      # `X: null` means "X from its plugin's defaults" (a None block would not validate)
+        over[key] = over[key] or {}
+    for key, block in list(base.items()):
+        if not isinstance(block, dict):
+            continue
+        if is_plugin_block(key):
+            old_type = base.get(f"{key}_type", defaults.get(f"{key}_type"))
+            new_type = over.get(f"{key}_type", old_type)
+            if new_type != old_type or key in cleared:
+                _trim_block(base, over, key, old_type, new_type, key in cleared, path)
+                continue
+            schema_of_block = getattr(_plugin(key, new_type), "Config", None)
+        else:
+            schema_of_block = hints.get(key)
+        if isinstance(over.get(key), dict):
+            _trim_blocks(block, over[key], schema_of_block, f"{path}.{key}" if path else key, nulled)
+
+
+def merge_configs(base: DictConfig, over: DictConfig, schema: Optional[type] = None,
+                  nulled: Any = ()) -> DictConfig:
+    """``over`` merged into ``base`` (an ``extends:``-ing file into its base, command-line overrides into the
+    config), except where ``over`` changes a plugin type ``X_type`` at any depth: the old block ``X`` loses the
+    keys the new plugin does not have, so ``X`` holds the keys both plugins have, then what ``over`` gives, on
+    the new plugin's defaults. ``X: null`` in ``over`` starts ``X`` from the defaults (with ``X_type``: the new
+    plugin's defaults only; ``nulled``: the dotted keys of such blocks that ``over`` then gave keys). ``schema``
+    is the dataclass of the root (default :class:`ExperimentConfig`)."""
+    base_c = OmegaConf.to_container(base, resolve=False)      # interpolations stay as written
+    over_c = OmegaConf.to_container(over, resolve=False)
+    _trim_blocks(base_c, over_c, schema or ExperimentConfig, "", frozenset(nulled))
+    return OmegaConf.merge(OmegaConf.create(base_c), OmegaConf.create(over_c))
 
 
 def _load_yaml(path: str, seen: tuple = ()) -> DictConfig:
     path = resolve_config(path)
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml errors carry several lines; say where the problem is
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        what = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
-        if context and start is not None and start is not mark:
-            what += f" ({context} at line {start.line + 1})"
-        raise ConfigError(f"cannot parse config {path}{where}: {what}") from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"config {path} must be a mapping of keys")
+    cfg = read_yaml(path)
     # `extends: other.yaml` merges this file over another one: a file relative to this one, else a packaged config.
     base = cfg.pop("extends", None)
     if base is not None:
-        base_path = os.path.join(os.path.dirname(path), str(base))
-        if not os.path.isfile(base_path):
-            base_path = _packaged(str(base))
-            if base_path is None:
-                raise ConfigError(f"config {path} extends '{base}': no such file next to it and no packaged config "
-                                  f"of that name (packaged configs: {', '.join(packaged_configs()) or 'none'})")
+        base_path = resolve_base(path, base)
         if os.path.abspath(base_path) in seen or os.path.abspath(base_path) == os.path.abspath(path):
             raise ConfigError(f"config {path} extends itself through {base}")
-        cfg = OmegaConf.merge(_load_yaml(base_path, seen + (os.path.abspath(path),)), cfg)
+        cfg = merge_configs(_load_yaml(base_path, seen + (os.path.abspath(path),)), cfg)
     return cfg
 
 
@@ -304,13 +316,15 @@ def load_config(path: str, overrides: list[str] = ()) -> DictConfig:
 
     A ``weights:`` block (:func:`apply_weights`) and an ``example:`` block (:func:`apply_example`) are
     applied first; the result records what they did under ``applied``, so ``configs/parsed.yaml`` shows it."""
-    from lift3d.recipes import apply_example, apply_weights
-
     extra = parse_overrides(list(overrides))
-    cfg, applied = apply_weights(_load_yaml(path), extra, path)
+    # lift3d.recipes does not import this module (no import cycle): it is handed the loader for a fallback recipe.
+    cfg, applied = apply_weights(_load_yaml(path), extra, path, load=_load_yaml)
     cfg, from_example = apply_example(cfg, extra)
     applied.update(from_example)
-    cfg = OmegaConf.merge(cfg, extra)
+    # An override that changes a plugin type trims its block. `X=null X.k=v` is X from its defaults, then k:
+    # the dotlist holds only {k: v} for X, so the nulled keys are passed along.
+    nulled = [item.split("=", 1)[0] for item in overrides if item.split("=", 1)[-1].strip() == "null"]
+    cfg = merge_configs(cfg, extra, nulled=nulled)
     if applied:
         cfg.applied = OmegaConf.merge(cfg.get("applied") or {}, applied)
     try:

@@ -1,17 +1,20 @@
 """Which recipe a config runs: a ``weights:`` block finds published weights (or falls back to the bundled
 mini model's own recipe, saying so in one line) and an ``example:`` block holds a bundled example's data
-keys, which a user's own ``image=`` does not inherit. :func:`lift3d.config.load_config` applies both."""
+keys, which a user's own ``image=`` does not inherit. :func:`lift3d.config.load_config` applies both.
+
+This module does not import :mod:`lift3d.config` (which imports it): it finds files through
+:mod:`lift3d.config_files`, and ``load_config`` hands :func:`apply_weights` the loader for a fallback recipe."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lift3d.config import CONFIG_DIR, _load_yaml, config_summary, resolve_config
+from lift3d.config_files import CONFIG_DIR, config_summary, resolve_config
 
 log = logging.getLogger("lift3d")
 
@@ -45,11 +48,13 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def apply_weights(cfg: DictConfig, overrides: DictConfig, path: str) -> tuple[DictConfig, dict]:
+def apply_weights(cfg: DictConfig, overrides: DictConfig, path: str,
+                  load: Callable[[str], DictConfig]) -> tuple[DictConfig, dict]:
     """A config's ``weights:`` block: for each ``system.guidance`` key it names (``key: NAME``), an empty
     value is filled with published weights found as ``models_dir()/NAME``. When none are given or found,
     the config's ``fallback_recipe`` (relative to the config, else packaged) replaces it, keeping its
-    ``name``: the bundled model with the recipe it was made for, said in one logged line.
+    ``name``: the bundled model with the recipe it was made for, said in one logged line. ``load`` reads a
+    config file with its ``extends:`` (``lift3d.config._load_yaml``).
     Returns the config to use (without ``weights``) and what was applied."""
     weights = cfg.pop("weights", None)
     if not weights:
@@ -72,7 +77,7 @@ def apply_weights(cfg: DictConfig, overrides: DictConfig, path: str) -> tuple[Di
     recipe = os.path.join(os.path.dirname(resolve_config(path)), str(fallback))
     recipe = recipe if os.path.isfile(recipe) else resolve_config(str(fallback))
     name = cfg.get("name")
-    cfg = _load_yaml(recipe)
+    cfg = load(recipe)
     cfg.pop("weights", None)
     if name is not None:
         cfg.name = name

@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 import textwrap
@@ -5,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
 from lift3d.config import C, load_config, parse_config, parse_overrides, schedulable
 from lift3d.errors import ConfigError
@@ -148,3 +150,90 @@ def test_extends_a_packaged_config_by_name(tmp_path):
     mine.write_text("extends: no-such-base\n")
     with pytest.raises(ConfigError, match="extends 'no-such-base'"):
         load_config(str(mine))
+
+
+# --- issue 23: changing a plugin type (command line or `extends:`) trims its block to the new plugin's keys
+
+
+def _said(caplog) -> list[str]:
+    """The log lines about trimmed plugin blocks."""
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return [line for line in lines if "_type: " in line or "=null:" in line]
+
+
+def test_a_changed_plugin_type_drops_the_old_keys_in_one_line(caplog):
+    cfg = load_config("oracle", ["system.geometry_type=hashgrid-nerf", "system.geometry.n_levels=8"])
+    assert cfg.system.geometry_type == "hashgrid-nerf"
+    # keys both plugins have stay, then what the override gives, on hashgrid-nerf's defaults
+    assert OmegaConf.to_container(cfg.system.geometry) == {"radius": 0.6, "n_feature_dims": 3, "n_levels": 8}
+    assert _said(caplog) == ["system.geometry_type: voxel-rf -> hashgrid-nerf; dropped system.geometry.grid_size "
+                             "(not keys of hashgrid-nerf)"]
+    caplog.clear()
+    same = load_config("oracle", ["system.geometry_type=voxel-rf"])          # the same type: an ordinary merge
+    assert same.system.geometry.grid_size == 128 and not _said(caplog)
+
+
+def test_a_key_the_new_plugin_lacks_still_fails_when_given():
+    with pytest.raises(ConfigError, match=r"unknown config key 'system.geometry.grid_size'.*n_levels") as e:
+        load_config("oracle", ["system.geometry_type=hashgrid-nerf", "system.geometry.grid_size=64"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_null_plugin_block_means_its_defaults(caplog):
+    cfg = load_config("oracle", ["system.geometry=null"])
+    assert cfg.system.geometry_type == "voxel-rf" and OmegaConf.to_container(cfg.system.geometry) == {}
+    assert _said(caplog) == ["system.geometry=null: dropped system.geometry.radius, system.geometry.grid_size, "
+                             "system.geometry.n_feature_dims (voxel-rf's defaults apply)"]
+    caplog.clear()
+    cfg = load_config("oracle", ["system.geometry=null", "system.geometry_type=hashgrid-nerf",
+                                 "system.geometry.radius=1"])
+    assert OmegaConf.to_container(cfg.system.geometry) == {"radius": 1}        # hashgrid-nerf's defaults only
+    assert _said(caplog) == ["system.geometry_type: voxel-rf -> hashgrid-nerf; dropped system.geometry.grid_size, "
+                             "system.geometry.n_feature_dims (system.geometry=null)"]
+
+
+def test_a_config_that_extends_another_may_change_a_plugin_type(tmp_path, caplog):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: oracle\nsystem:\n  guidance_type: zero123-sjc\n"
+                    "  guidance: {pretrained_model_name_or_path: '${pkg:assets/zero123-mini}', render_space: rgb}\n")
+    cfg = load_config(str(mine))
+    assert OmegaConf.to_container(cfg.system.guidance).keys() == {"pretrained_model_name_or_path", "render_space"}
+    assert cfg.system.geometry.grid_size == 128                         # blocks whose type stays are merged as before
+    assert _said(caplog) == ["system.guidance_type: multiview-oracle -> zero123-sjc; dropped "
+                             "system.guidance.mask_weight, system.guidance.depth_weight (not keys of zero123-sjc)"]
+    # zero123-sjc-cpu extends recipes/zero123-mini.yaml; switching its guidance on the command line
+    cfg = load_config("zero123-sjc-cpu", ["system.guidance_type=multiview-oracle", "system.guidance.depth_weight=0.5"])
+    assert OmegaConf.to_container(cfg.system.guidance) == {"depth_weight": 0.5}
+    with pytest.raises(ConfigError, match="unknown config key 'system.guidance.guidance_scale'"):
+        load_config("zero123-sjc-cpu", ["system.guidance_type=multiview-oracle", "system.guidance.guidance_scale=3"])
+
+
+def test_nested_plugin_types_and_default_types_change_too(caplog):
+    from lift3d.config import merge_configs
+
+    guidance = {"method_type": "sjc", "method": {"guidance_scale": 3.0, "var_red": False},   # prior_type: zero123
+                "prior": {"pretrained_model_name_or_path": "m", "pose_variant": "x"}}            # by default
+    base = OmegaConf.create({"system": {"guidance_type": "score-distillation", "guidance": guidance},
+                             "data": {"height": 32}})
+    over = OmegaConf.create({"system": {"guidance": {"prior_type": "cascade-zero123",
+                                                     "prior": {"refiner_name_or_path": "r"}}},
+                             "data_type": "single-image"})
+    merged = merge_configs(base, over)
+    assert OmegaConf.to_container(merged.system.guidance) == {
+        "method_type": "sjc", "method": {"guidance_scale": 3.0, "var_red": False}, "prior_type": "cascade-zero123",
+        "prior": {"pretrained_model_name_or_path": "m", "pose_variant": "x", "refiner_name_or_path": "r"}}
+    assert merged.data.height == 32                                     # data_type is its default: unchanged
+    assert not _said(caplog)                                            # cascade-zero123 has those keys: none dropped
+    merged = merge_configs(base, OmegaConf.create({"system": {"guidance": {"method_type": "sds"}}}))
+    assert OmegaConf.to_container(merged.system.guidance.method) == {"guidance_scale": 3.0}
+    assert _said(caplog) == ["system.guidance.method_type: sjc -> sds; dropped system.guidance.method.var_red "
+                             "(not keys of sds)"]
+    caplog.clear()
+    # no geometry_type anywhere: voxel-rf (the system's default) is the type that changes
+    base = OmegaConf.create({"system": {"geometry": {"grid_size": 8}}})
+    same = merge_configs(base, OmegaConf.create({"system": {"geometry_type": "voxel-rf"}}))
+    assert same.system.geometry.grid_size == 8
+    switched = merge_configs(base, OmegaConf.create({"system": {"geometry_type": "hashgrid-nerf"}}))
+    assert OmegaConf.to_container(switched.system.geometry) == {}
+    assert _said(caplog) == ["system.geometry_type: voxel-rf -> hashgrid-nerf; dropped system.geometry.grid_size "
+                             "(not keys of hashgrid-nerf)"]

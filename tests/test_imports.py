@@ -93,3 +93,17 @@ def test_import_lift3d_is_light_and_every_module_imports():
     names = sorted(m for m in _modules() if not m.endswith("__main__"))
     code = "import importlib; [importlib.import_module(m) for m in %r]" % names
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(ROOT))
+
+
+def test_config_and_recipes_form_no_cycle_even_inside_functions():
+    """lift3d.config imports lift3d.recipes (load_config applies its blocks); nothing recipes imports, at any
+    depth and inside functions too, leads back to lift3d.config (issue 23)."""
+    modules = _modules()
+    reached, todo = set(), ["lift3d.recipes"]
+    while todo:
+        for dep in _imports(modules[todo.pop()], modules, module_level_only=False):
+            if dep not in reached:
+                reached.add(dep)
+                todo.append(dep)
+    assert "lift3d.config" not in reached and "lift3d.recipes" not in reached, sorted(reached)
+    assert "lift3d.recipes" in _imports(modules["lift3d.config"], modules, module_level_only=True)

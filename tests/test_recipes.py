@@ -47,6 +47,24 @@ def test_without_published_weights_the_mini_model_runs_its_own_recipe(name, reci
     assert recipe in lines[0] and "pretrained_model_name_or_path=PATH" in lines[0] and "\n" not in lines[0]
 
 
+def test_a_recipe_that_extends_another_and_changes_its_guidance_keeps_the_shared_keys(caplog):
+    """recipes/cascade-mini.yaml extends zero123-mini.yaml and switches zero123-sjc to cascade-zero123: the
+    guidance keys both plugins have stay (issue 23 drops only the keys the new plugin lacks), silently."""
+    cfg = load_config("cascade-zero123")
+    mini = load_config("recipes/zero123-mini.yaml")
+    assert cfg.system.guidance_type == "cascade-zero123" and cfg.system.guidance.refiner_name_or_path
+    for key, value in mini.system.guidance.items():
+        assert cfg.system.guidance[key] == value, key
+    assert not [w for w in warnings(caplog) if "dropped" in w]
+    # the fallback recipe, then a command-line switch: the mini recipe's guidance keys leave in one line
+    oracle = load_config("zero123-sjc", [f"image={CAR}", "data.default_elevation_deg=10",
+                                         "system.guidance_type=multiview-oracle"])
+    assert oracle.applied.recipe == "recipes/zero123-mini.yaml" and OmegaConf.to_container(oracle.system.guidance) == {}
+    lines = [w for w in warnings(caplog) if "dropped" in w]
+    assert len(lines) == 1 and lines[0].startswith("system.guidance_type: zero123-sjc -> multiview-oracle; dropped "
+                                                   "system.guidance.pretrained_model_name_or_path, ")
+
+
 def test_published_weights_given_or_found_keep_the_published_recipe(no_models, caplog):
     given = load_config("zero123-sjc", [f"image={CAR}", "system.guidance.pretrained_model_name_or_path=/w/zero123-xl"])
     assert given.system.guidance.pretrained_model_name_or_path == "/w/zero123-xl"
