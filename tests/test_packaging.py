@@ -15,9 +15,9 @@ PKG = os.path.join(ROOT, "lift3d")
 # import name -> distribution name, where they differ
 DIST = {"PIL": "pillow", "mcubes": "pymcubes", "imageio_ffmpeg": "imageio-ffmpeg", "pybullet_data": "pybullet",
         "fast_simplification": "fast-simplification", "huggingface_hub": "huggingface-hub", "yaml": "pyyaml"}
-# Guarded imports, used when present and never installed by pip: a GPU accelerator; the loss-curve plotter
-# (lift3d/utils/figures.py draws with PIL without it).
-OPTIONAL_UNDECLARED = {"tinycudann", "matplotlib"}
+# Guarded imports, used when present and never installed by pip: the CUDA accelerators (tinycudann's hash
+# grid, gsplat's Gaussian rasterizer); the loss-curve plotter (lift3d/utils/figures.py draws with PIL without it).
+OPTIONAL_UNDECLARED = {"tinycudann", "matplotlib", "gsplat"}
 
 
 def _pyproject() -> dict:

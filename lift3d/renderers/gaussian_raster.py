@@ -30,7 +30,6 @@ turned toward the camera.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from typing import Optional
 
@@ -49,13 +48,12 @@ RECOMPUTE_PAIRS = 2 ** 23
 
 @functools.lru_cache(maxsize=1)
 def _gsplat():
-    """The gsplat module, or None. Loaded by name: it is an optional accelerator that pyproject.toml does
-    not declare yet (TODO for the geometry plugin: a `gsplat` extra, or tests/test_packaging.py's
-    OPTIONAL_UNDECLARED, then a plain import)."""
+    """The gsplat module, or None: an optional CUDA accelerator (like tinycudann, used when installed)."""
     try:
-        return importlib.import_module("gsplat")
+        import gsplat
     except Exception:  # ImportError, or a broken build that fails on import
         return None
+    return gsplat
 
 
 def gsplat_available() -> bool:
