@@ -95,6 +95,17 @@ def launch_reconstruct(input_png: str, gt_mesh: str, out_dir: str, config: str, 
     return run_experiment(config, fixed + resume + list(overrides), "train")
 
 
+def _reference_view(trial: str) -> Optional[dict]:
+    """The run's own score of its export from the input camera (its metrics.json), if it wrote one."""
+    import json
+
+    try:
+        with open(os.path.join(trial, "metrics.json")) as f:
+            return json.load(f).get("reference_view")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> dict:
     """Render, reconstruct, score one object; write and return its result (failures included)."""
     from lift3d.data.gso import mesh_path, render_gso
@@ -128,6 +139,7 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
         stage = "evaluate"
         t0 = time.time()
         result["metrics"] = {p: evaluate(pred, gt, p, **task.eval_options) for p in task.protocols}
+        result["reference_view"] = _reference_view(trial)
         result["seconds"]["evaluate"] = time.time() - t0
         result["status"] = "ok"
         try:  # a picture that cannot be drawn does not fail the object

@@ -48,14 +48,24 @@ def result_line(result: dict, protocol: str) -> str:
             f"({seconds:.0f} s)")
 
 
+# The export's look: against the ground truth's texture at the evaluation views, and from the input camera
+# against the input (the run's own metrics.json; appearance.py).
+APPEARANCE = ("psnr", "ssim", "silhouette_iou")
+REFERENCE = ("psnr", "ssim", "silhouette_iou", "see_through")
+
+
 def _rows(results: list, protocols) -> tuple[list, list]:
     """Flat per-object rows (for CSV/Markdown) and the column names."""
     columns = ["object", "status"]
+    first_ok = next((r for r in results if r.get("status") == "ok"), None)
     for p in protocols:
         columns += [f"{p}/chamfer", f"{p}/volume_iou"]
-        first_ok = next((r for r in results if r.get("status") == "ok"), None)
         if first_ok:
             columns += [f"{p}/f@{t}" for t in first_ok["metrics"][p]["f_score"]]
+            if "gt_views" in first_ok["metrics"][p]:
+                columns += [f"{p}/gt_views_{k}" for k in APPEARANCE]
+    if first_ok and first_ok.get("reference_view"):
+        columns += [f"reference_view/{k}" for k in REFERENCE]
     columns += ["seconds_reconstruct", "seconds_total", "error"]
     rows = []
     for r in results:
@@ -66,6 +76,9 @@ def _rows(results: list, protocols) -> tuple[list, list]:
             m = r["metrics"][p]
             row[f"{p}/chamfer"], row[f"{p}/volume_iou"] = m["chamfer_distance"], m["volume_iou"]
             row.update({f"{p}/f@{t}": v for t, v in m["f_score"].items()})
+            row.update({f"{p}/gt_views_{k}": m["gt_views"][k] for k in APPEARANCE if k in m.get("gt_views", {})})
+        ref = r.get("reference_view") or {}
+        row.update({f"reference_view/{k}": ref[k] for k in REFERENCE if k in ref})
         rows.append(row)
     return rows, columns
 
@@ -97,11 +110,14 @@ def write_summary(out: str, results: list, protocols) -> dict:
 def markdown_table(rows: list, columns: list, mean: dict, n_ok: int) -> str:
     """Chamfer, IoU and F-scores at 0.01/0.02/0.05 of the first protocol, Chamfer and IoU of the
     others, and the time per object (summary.csv has every column)."""
-    protocols = list(dict.fromkeys(c.split("/")[0] for c in columns if "/" in c))
+    protocols = list(dict.fromkeys(c.split("/")[0] for c in columns if "/" in c and c.split("/")[0] != "reference_view"))
     shown = ["object", "status"]
     for i, p in enumerate(protocols):
         shown += [f"{p}/chamfer", f"{p}/volume_iou"]
         shown += [f"{p}/f@{t}" for t in ("0.01", "0.02", "0.05") if i == 0 and f"{p}/f@{t}" in columns]
+        shown += [f"{p}/gt_views_psnr"] if i == 0 and f"{p}/gt_views_psnr" in columns else []
+    shown += [c for c in ("reference_view/psnr", "reference_view/silhouette_iou", "reference_view/see_through")
+              if c in columns]
     shown += ["seconds_total"]
 
     def fmt(v):
@@ -135,6 +151,12 @@ def _column_title(column: str) -> str:
         return f"{protocol} Chamfer ↓"
     if metric == "volume_iou":
         return f"{protocol} IoU ↑"
+    if metric == "see_through":
+        return "input view see-through ↓"
+    if protocol == "reference_view":
+        return f"input view {metric.replace('silhouette_iou', 'silhouette IoU').replace('psnr', 'PSNR')} ↑"
+    if metric.startswith("gt_views_"):
+        return f"{protocol} texture {metric[len('gt_views_'):].upper()} ↑"
     return f"{protocol} {metric.replace('f@', 'F@')} ↑"
 
 

@@ -92,8 +92,13 @@ def _eval(argv: list[str]) -> int:
     from lift3d.evaluation.protocols import syncdreamer_gt_angle
 
     angle = syncdreamer_gt_angle(args.syncdreamer_object) if args.syncdreamer_object else args.gt_rotation_deg
+    from lift3d.evaluation.appearance import export_reference_view
+
     result = evaluate(args.pred, args.gt, protocol=args.protocol, gt_rotation_deg=angle)
     result["gt_rotation"]["syncdreamer_object"] = args.syncdreamer_object
+    reference = export_reference_view(args.pred)     # a lift3d export: also scored from its input camera
+    if reference is not None:
+        result["reference_view"] = reference
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 

@@ -14,6 +14,7 @@ next one. ``--test``/``--export`` refuse a config that would give other results 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -273,8 +274,29 @@ class Experiment:
         io.save_image(self.path("save", f"it{self.step}-val.png"),
                       figures.labelled_grid([self.system.validation_images()]))
 
+    def _camera_line(self) -> str:
+        camera = self.system.reference.camera
+        e, a, d = (float(x) for x in camera.spherical[0])
+        return f"input camera: elevation {e:.1f}, azimuth {a:.1f}, distance {d:.2f}, fovy {float(camera.fovy_deg[0]):.1f}"
+
+    def _metrics(self) -> Optional[dict]:
+        """This run's metrics.json, if export wrote one."""
+        path = self.path("metrics.json")
+        try:
+            if not os.path.isfile(path):
+                return None
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def test(self) -> None:
-        """The turntable video (at least MIN_VIDEO_SECONDS long) and the summary image under save/."""
+        """The turntable video (at least MIN_VIDEO_SECONDS long) and the summary image under save/; both show
+        the exported mesh next to the field when export/ holds one (a train run exports first)."""
+        if getattr(self.system, "exported", "n/a") is None:
+            found = {k: self.path("export", f"model.{k}") for k in ("glb", "obj")}
+            found = {k: v for k, v in found.items() if os.path.isfile(v)}
+            self.system.exported = found or None
         frames = [(img.numpy() * 255).astype(np.uint8) for img in self.system.test_frames()]
         if frames:
             fps = turntable_fps(len(frames))
@@ -282,7 +304,10 @@ class Experiment:
             self.outputs["turntable"] = save_video(self.path("save", f"it{self.step}-test"), frames, fps=fps)
         rows = self.system.summary_images()
         if rows:
-            title = f"{self.exp.name}/{self.exp.tag}  step {self.step}"
+            title = f"{self.exp.name}/{self.exp.tag}  step {self.step}  |  {self._camera_line()}"
+            metrics = self._metrics()
+            if metrics:
+                title += f"  |  {_metrics_line(metrics)}"
             io.save_image(self.path("save", "summary.png"), figures.labelled_grid(rows, title=title))
             self.outputs["summary"] = self.path("save", "summary.png")
 

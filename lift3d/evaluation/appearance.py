@@ -100,3 +100,30 @@ def gt_view_scores(pred_mesh, gt_mesh, cameras: Optional[Cameras] = None) -> Opt
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "silhouette_iou")}
     return {**mean, "views": rows,
             "note": f"{len(rows)} evaluation views, albedo renders composited on white, whole images"}
+
+
+def export_reference_view(mesh_path: str, mesh=None) -> Optional[dict]:
+    """:func:`reference_view_scores` of a lift3d export, from the input view and camera its export folder
+    keeps (``input_view.png``, ``model_info.json``'s ``reference_camera``); None for other meshes."""
+    import json
+    import os
+
+    from lift3d.export.frame import info_path_for
+    from lift3d.export.mesh import INPUT_VIEW
+    from lift3d.utils.images import open_image
+
+    info_path, image_path = info_path_for(mesh_path), os.path.join(os.path.dirname(mesh_path), INPUT_VIEW)
+    if not (os.path.isfile(info_path) and os.path.isfile(image_path)):
+        return None
+    with open(info_path) as f:
+        camera = json.load(f).get("reference_camera")
+    if not isinstance(camera, dict):
+        return None
+    if mesh is None:
+        from lift3d.mesh.io import load_mesh
+
+        mesh = load_mesh(mesh_path)
+    rgba = torch.from_numpy(np.asarray(open_image(image_path).convert("RGBA"), dtype=np.float32) / 255)
+    cam = Cameras.from_spherical(camera["elevation_deg"], camera["azimuth_deg"], camera["distance"],
+                                 camera["fovy_deg"], rgba.shape[0], rgba.shape[1])
+    return reference_view_scores(mesh, cam, rgba)

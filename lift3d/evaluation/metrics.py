@@ -100,9 +100,11 @@ def _geometry(mesh):
 
 
 def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimesh"],
-             protocol: Union[str, Protocol] = "surface", **options) -> dict:
+             protocol: Union[str, Protocol] = "surface", appearance: bool = True, **options) -> dict:
     """Score ``pred`` against ``gt`` (paths or trimesh meshes) under a named protocol.
 
+    With ``appearance`` and a ground truth that has colours, also ``gt_views``: the prediction's texture
+    against the ground truth's at the evaluation views (appearance.py), after the same alignment.
     ``options`` override protocol fields (``n_points``, ``icp``, ``seed``, ...; see Protocol).
     Raises UserError for unreadable meshes or an unknown protocol.
     """
@@ -114,11 +116,12 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
         proto = dataclasses.replace(protocol, **options)
     else:
         proto = get_protocol(str(protocol), **options)
-    gt_mesh, _, _ = normalize_mesh(_geometry(_load(gt)))
+    gt_full, pred_full = _load(gt), _load(pred)
+    gt_mesh, scale, offset = normalize_mesh(_geometry(gt_full))
     turn = np.eye(4)
     turn[:3, :3] = gt_rotation(proto.gt_rotation_deg)    # SyncDreamer turns its ground truth once normalised
     gt_mesh.apply_transform(turn)
-    pred_mesh = _geometry(_load(pred))
+    pred_mesh = _geometry(pred_full)
     if proto.normalize_pred:
         pred_mesh, _, _ = normalize_mesh(pred_mesh)
 
@@ -155,5 +158,18 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
     result["gt_rotation"] = {"syncdreamer_angle_deg": float(proto.gt_rotation_deg), "matrix": turn[:3, :3].tolist()}
     if proto.icp:
         result["icp_transform"] = transform.tolist()
+    if appearance:
+        from lift3d.evaluation.appearance import gt_view_scores
+
+        gt_coloured = gt_full.copy()
+        gt_coloured.vertices = np.asarray(gt_full.vertices) * scale + offset
+        gt_coloured.apply_transform(turn)
+        pred_coloured = pred_full.copy()
+        if proto.normalize_pred:
+            pred_coloured, _, _ = normalize_mesh(pred_coloured)
+        pred_coloured.apply_transform(transform)
+        views = gt_view_scores(pred_coloured, gt_coloured)
+        if views is not None:
+            result["gt_views"] = views
     result["seconds"] = time.time() - t0
     return result

@@ -25,6 +25,7 @@ from lift3d.utils import io
 
 log = logging.getLogger("lift3d")
 
+INPUT_VIEW = "input_view.png"   # the input as the reference camera sees it (RGBA), next to the mesh
 LEVELS = ("auto", "ring")
 BAKES = ("views", "volume", "surface")
 UNITS = ("lift3d world units, the object's reference frame: the frame of the cameras the field was trained "
@@ -166,12 +167,23 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
         color_fn = lambda p, n: np.full((len(p), 3), 0.5, np.float32)  # noqa: E731
     paths = write_textured_mesh(out_dir, vertices, faces, color_fn, texture_size=cfg.texture_size,
                                 padding=cfg.texture_padding, glb=cfg.glb, info=info, up_axis=cfg.up_axis)
+    if reference is not None:    # what lift3d eval needs to score the export from the input camera again
+        paths["input_view"] = os.path.join(out_dir, INPUT_VIEW)
+        io.save_image(paths["input_view"], (reference.rgba.float().cpu().numpy() * 255 + 0.5).astype(np.uint8))
+        info["reference_camera"] = camera_record(reference.camera)
     info["seconds_total"] = time.time() - t0
     info["config"] = asdict(cfg)
     io.write_json(paths["info"], info)
     log.info("export: %d faces, level %.4g (%s), texture coverage %.2f, %.1f s", info["faces"], info["threshold"],
              info["level_method"], info["texture_coverage"], info["seconds_total"])
     return paths
+
+
+def camera_record(camera) -> dict:
+    """One camera as model_info.json stores it (``Cameras.from_spherical``'s arguments)."""
+    e, a, d = (round(float(x), 6) for x in camera.spherical[0])
+    return {"elevation_deg": e, "azimuth_deg": a, "distance": d, "fovy_deg": round(float(camera.fovy_deg[0]), 6),
+            "height": int(camera.height), "width": int(camera.width)}
 
 
 def _view_color_fn(vertices: np.ndarray, faces: np.ndarray, reference, render, size: int, input_weight: float,

@@ -90,6 +90,7 @@ class ImageTo3D(BaseSystem):
         self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
                                                           background=self.background, path=f"{path}.renderer")
         self.guidance = None  # built by prepare_guidance: --test and --export never load it
+        self.exported: Optional[dict] = None  # the paths export() wrote (the turntable and summary show them)
         if c.reference_background not in REFERENCE_BACKGROUNDS:
             raise ConfigError(f"{path}.reference_background must be one of {', '.join(REFERENCE_BACKGROUNDS)}, "
                               f"got '{c.reference_background}'")
@@ -290,23 +291,48 @@ class ImageTo3D(BaseSystem):
                 + [(f"guidance {i}", _fit(e, size)) for i, e in enumerate(extra)])
 
     def test_frames(self) -> list:
-        """Turntable frames: RGB | normal | opacity side by side."""
-        p = self.render_views(self.data.test_views().to(self.device), panels=True)
-        return list(torch.cat([p["rgb"], p["normal"], p["opacity"]], dim=2))
+        """Turntable frames: the field's RGB, the exported mesh textured and shaded (when there is one),
+        the field's normals and opacity, side by side."""
+        cameras = self.data.test_views()
+        p = self.render_views(cameras.to(self.device), panels=True)
+        mesh = self._mesh_panels(cameras.with_size(*p["rgb"].shape[1:3]))
+        columns = [p["rgb"], *mesh, p["normal"], p["opacity"]]
+        return list(torch.cat(columns, dim=2))
+
+    def _mesh_panels(self, cameras: Cameras) -> list:
+        """[textured, shaded] renders of the exported mesh (the GLB a viewer opens), or [] before export."""
+        path = (self.exported or {}).get("glb") or (self.exported or {}).get("obj")
+        if not path:
+            return []
+        from lift3d.export.preview import mesh_panels
+
+        panels = mesh_panels(path, cameras)
+        return [panels["textured"], panels["shaded"]]
 
     def summary_images(self) -> list:
-        """Rows of (label, image) at the eval size (decoded, for a latent field): input, reference
-        render and validation views in RGB, then their normals, depth and opacity."""
+        """Rows of (label, image) at the eval size (decoded, for a latent field): the input, then the
+        reference view and the validation views as the field renders them (RGB, normals, depth, opacity)
+        and as the exported mesh shows them (textured, shaded). A validation view that is the input's own
+        camera is not repeated."""
         cameras = self.data.val_views()
+        cameras = cameras[[i for i in range(len(cameras)) if not _same_view(cameras[i], self.reference.camera)]]
         ref = self.render_views(self.reference_camera(), panels=True)
-        views = self.render_views(cameras.to(self.device), panels=True)
-        size = views["rgb"].shape[1:3]           # a latent field's: the decoded size
-        labels = ["reference"] + [_azimuth(cameras, i) for i in range(len(cameras))]
+        views = self.render_views(cameras.to(self.device), panels=True) if len(cameras) else None
+        size = ref["rgb"].shape[1:3]               # a latent field's: the decoded size
+        labels = ["input camera"] + [_azimuth(cameras, i) for i in range(len(cameras))]
         kinds = ("rgb", "normal", "depth", "opacity")
-        rows = [[("input", _fit(self.reference.rgb, size))]] + [[(kind, None)] for kind in kinds[1:]]
-        for row, kind in zip(rows, kinds):
-            images = [_fit(image, size) for image in [ref[kind][0], *views[kind]]]
-            row += [(label if kind == "rgb" else "", image) for label, image in zip(labels, images)]
+        mesh = self._mesh_panels(Cameras.cat([self.reference.camera.with_size(*size).to("cpu"),
+                                              cameras.with_size(*size).to("cpu")]) if len(cameras)
+                                 else self.reference.camera.with_size(*size).to("cpu"))
+        names = {"rgb": "field RGB", "normal": "field normals", "depth": "field depth", "opacity": "field opacity"}
+        rows = []
+        for kind in kinds:
+            images = [ref[kind][0]] + ([*views[kind]] if views is not None else [])
+            rows.append([(names[kind], None)] + [(f"{label}" if kind == "rgb" else "", _fit(im, size))
+                                                 for label, im in zip(labels, images)])
+        rows[0][0] = ("input", _fit(self.reference.rgb, size))
+        for name, images in zip(("mesh textured", "mesh shaded"), mesh):
+            rows.append([(name, None)] + [("", _fit(im, size)) for im in images])
         return rows
 
     def export(self, out_dir: str) -> dict:
@@ -315,8 +341,9 @@ class ImageTo3D(BaseSystem):
         render = None
         if not self.latent_field or self.guidance is not None:
             render = self._bake_render
-        return export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference, render=render,
-                           eval_size=self.data.cfg.eval_height)
+        self.exported = export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference, render=render,
+                                    eval_size=self.data.cfg.eval_height)
+        return self.exported
 
     def _bake_render(self, cameras: Cameras):
         """(rgb on white, opacity) of ``cameras`` for the texture; a latent field renders latents at 1/f
@@ -332,19 +359,15 @@ class ImageTo3D(BaseSystem):
         input) and ``field_views`` (against the field's own renders at the validation views) always;
         with a ground-truth mesh, the geometry metrics of ``protocol`` and ``gt_views`` (texture against
         the ground truth's at the evaluation views, when it has one)."""
-        from lift3d.evaluation.appearance import compare_views, gt_view_scores, reference_view_scores, render_albedo
+        from lift3d.evaluation.appearance import compare_views, reference_view_scores, render_albedo
         from lift3d.mesh.io import load_mesh
 
         mesh = load_mesh(exported.get("glb") or exported["obj"])      # as a viewer opens it, in the world frame
         result: dict = {}
         if self.data.gt_mesh:
             from lift3d.evaluation.metrics import evaluate
-            from lift3d.mesh.io import normalize_mesh
 
             result = evaluate(exported["obj"], self.data.gt_mesh, protocol=protocol)
-            views = gt_view_scores(mesh, normalize_mesh(load_mesh(self.data.gt_mesh))[0])
-            if views is not None:
-                result["gt_views"] = views
         result["reference_view"] = reference_view_scores(mesh, self.reference.camera, self.reference.rgba)
         cameras = self.data.val_views()
         field = self.render_views(cameras.to(self.device), opacity=True)
@@ -377,6 +400,12 @@ class ImageTo3D(BaseSystem):
 def _fit(image: torch.Tensor, size) -> torch.Tensor:
     """An (H, W, C) image resized to ``size`` for the validation strip."""
     return resize(image[None], size, channels_last=True)[0]
+
+
+def _same_view(a: Cameras, b: Cameras, tolerance_deg: float = 0.5) -> bool:
+    """Whether two single cameras look from the same direction (elevation and azimuth within the tolerance)."""
+    d = (a.spherical[0, :2].cpu() - b.spherical[0, :2].cpu()).abs()
+    return bool(d[0] <= tolerance_deg and min(float(d[1]) % 360, 360 - float(d[1]) % 360) <= tolerance_deg)
 
 
 def _azimuth(cameras: Cameras, i: int) -> str:
