@@ -98,10 +98,8 @@ def marching_cubes(grid: np.ndarray, level: float, radius: float) -> tuple[np.nd
     return vertices.astype(np.float64), faces.astype(np.int64)
 
 
-def remove_floaters(vertices: np.ndarray, faces: np.ndarray, min_fraction: float,
-                    seen=None) -> tuple[np.ndarray, np.ndarray]:
-    """Drop connected components whose area is below ``min_fraction`` of the largest one, unless
-    ``seen(vertices, faces, labels)`` (per component, bool) says the input view shows them."""
+def remove_floaters(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Drop connected components whose area is below ``min_fraction`` of the largest one."""
     import trimesh
 
     if min_fraction <= 0:
@@ -109,10 +107,7 @@ def remove_floaters(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(faces))
     area = np.bincount(labels, weights=mesh.area_faces)
-    big = area >= min_fraction * area.max()
-    if seen is not None and not big.all():
-        big |= seen(vertices, faces, labels)
-    keep = big[labels]
+    keep = area[labels] >= min_fraction * area.max()
     mesh.update_faces(keep)
     mesh.remove_unreferenced_vertices()
     return np.asarray(mesh.vertices), np.asarray(mesh.faces)
@@ -184,20 +179,19 @@ def prepare_grid(grid: np.ndarray, smooth: bool = False, upsample: int = 2, blur
 
 
 def surface_at_level(grid: np.ndarray, radius: float, level: float, min_component_fraction: float = 0.05,
-                     max_faces: int = 50000, seen=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Marching cubes at ``level``, floaters removed (but not the parts ``seen`` says the input shows:
-    see remove_floaters), outward, decimated, manifold."""
+                     max_faces: int = 50000) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Marching cubes at ``level``, floaters removed, outward, decimated, manifold."""
     vertices, faces = marching_cubes(grid, level, radius)
     n_raw = len(faces)
     raw = manifold_stats(vertices, faces)
-    vertices, faces = remove_floaters(vertices, faces, min_component_fraction, seen)
+    vertices, faces = remove_floaters(vertices, faces, min_component_fraction)
     faces = orient_outward(vertices, faces)
     n_kept = len(faces)
     vertices, faces = decimate(vertices, faces, max_faces)
     decimated = manifold_stats(vertices, faces)
     vertices, faces, repair = make_manifold(vertices, faces)
     # Decimation can pinch off slivers: drop them as floaters too.
-    vertices, faces = remove_floaters(vertices, faces, min_component_fraction, seen)
+    vertices, faces = remove_floaters(vertices, faces, min_component_fraction)
     if len(faces) < 4:
         raise UserError(f"the exported surface is degenerate ({len(faces)} faces at threshold {level:.4g}); "
                         "check the trained model or lower system.export.threshold")

@@ -8,9 +8,11 @@ edits of the grid, each counted in ``model_info.json``:
 
 1. **carve**: cells that project outside the mask (dilated by ``dilate_px`` pixels, so the outline
    is kept) are emptied: from the input camera nothing is there;
-2. **close**: for each mask pixel whose ray stays below the level, the cells from the depth where
-   the nearest ray that meets the surface meets it, ``thickness_cells`` deep, are raised above the
-   level: the surface around the hole continues across it;
+2. **close**: where a mask pixel's ray never meets the level's surface (a hole), or meets it more
+   than ``pit_cells`` behind where the surface should be (a pit, away from the outline), the cells
+   from there, ``thickness_cells`` deep (up to the hit), are raised above the level. Where the
+   surface should be: where the field renders the ray (opacity 1/2), but not in front of the
+   nearest hits around it, so the plug is flush with the rim of the hole rather than a sheet of haze;
 3. **fill**: cavities that the surface encloses (inside, unreachable from the box's border) become
    solid: a hollow stem is still a solid stem.
 """
@@ -22,15 +24,18 @@ import math
 import numpy as np
 import torch
 
-from lift3d.export.level import _camera_rays, march
+from lift3d.export.level import _camera_rays, march, rendered_depth
 
 
 def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, dilate_px: int = 1,
-                thickness_cells: float = 3.0, max_size: int = 256) -> tuple[np.ndarray, dict]:
+                thickness_cells: float = 3.0, pit_cells: float = 4.0, edge_px: int = 2, rim_px: int = 4,
+                max_size: int = 256) -> tuple[np.ndarray, dict]:
     """The edited grid (a copy) and what was done. ``grid`` (R, R, R) holds densities at the cell
     centres of [-radius, radius]^3 indexed [ix, iy, iz]; ``camera`` is the one reference view;
     ``mask`` (H, W[, 1]) its foreground in [0, 1]."""
-    from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt
+    from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes, distance_transform_edt, grey_erosion
+
+    from lift3d.export.view_bake import project
 
     grid = np.array(grid, dtype=np.float32, copy=True)
     resolution = grid.shape[0]
@@ -39,8 +44,6 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     report = {}
 
     # 1. Carve what the camera sees as background.
-    from lift3d.export.view_bake import project
-
     m = torch.as_tensor(mask, dtype=torch.float32).reshape(camera.height, camera.width).numpy() > 0.5
     keep = binary_dilation(m, iterations=dilate_px) if dilate_px > 0 else m
     axis = (np.arange(resolution) + 0.5) / resolution * 2 * radius - radius
@@ -54,26 +57,47 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     report["carved_cells"] = int((background & (grid > level)).sum())
     grid[background] = np.minimum(grid[background], 0.0)
 
-    # 2. Close the mask's rays that see through the surface.
+    # 2. Close what the input camera would see through or into: the surface follows the field's render.
     origins, dirs, ray_mask = _camera_rays(camera[:1], torch.as_tensor(m, dtype=torch.float32), max_size)
     n_samples = int(math.ceil(2 * math.sqrt(3) * resolution))
-    sigma, t, _ = march(torch.from_numpy(grid), radius, origins, dirs, n_samples)
+    sigma, t, delta = march(torch.from_numpy(grid), radius, origins, dirs, n_samples)
     above = sigma > level
-    through = ray_mask & ~above.any(1)
-    report["see_through_rays"] = int(through.sum())
+    hits = above.any(1)
+    hit_depth = torch.where(hits, t.gather(1, above.float().argmax(1, keepdim=True))[:, 0],
+                            torch.full_like(t[:, 0], math.inf))
+    # Where the field renders each ray's surface (transmittance 1/2); where it never gets that opaque, where its
+    # density peaks, and where a ray holds no density at all, the depth of the nearest ray that does.
+    rendered, _ = rendered_depth(sigma, t, delta)
+    peak = t.gather(1, sigma.argmax(1, keepdim=True))[:, 0]
+    depth = torch.where(torch.isfinite(rendered), rendered, peak)
+    side_h, side_w = _ray_image_size(camera, max_size)          # the image of _camera_rays' rays
+    known = (ray_mask & (sigma.amax(1) > 1e-6)).numpy()
+    if known.any() and not known.all():
+        _, (ri, ci) = distance_transform_edt(~known.reshape(side_h, side_w), return_indices=True)
+        depth = torch.where(torch.from_numpy(known), depth, depth.reshape(side_h, side_w)[ri, ci].reshape(-1))
+    # A hole (no hit) or a pit (the hit lies well behind the surface around it, as where a distilled field made
+    # a white patch of the object out of faint density): solid from where the surface should be to the hit, or
+    # ``thickness_cells`` deep when there is none. Where it should be: where the field renders the ray, but not in
+    # front of the nearest hits around it (``rim_px``): a plug flush with the rim, not a sheet of haze.
+    finite_hits = torch.where(hits, hit_depth, torch.full_like(hit_depth, 1e6)).reshape(side_h, side_w).numpy()
+    rim = torch.from_numpy(grey_erosion(finite_hits, size=2 * rim_px + 1).reshape(-1))
+    start = torch.maximum(depth, torch.where(rim < 1e5, rim, depth))
+    end = torch.minimum(hit_depth, start + thickness_cells * cell)
+    # Pits not along the outline (``edge_px``), where the field fades out and its rendered depth is noise: slivers.
+    interior = torch.from_numpy(binary_erosion(ray_mask.numpy().reshape(side_h, side_w), iterations=edge_px,
+                                               border_value=0).reshape(-1))
+    gap = (ray_mask & ~hits) | (interior & (hit_depth - start > pit_cells * cell))
+    report["see_through_rays"] = int((ray_mask & ~hits).sum())
+    report["pit_rays"] = int((gap & hits).sum())
     report["mask_rays"] = int(ray_mask.sum())
     report["closed_cells"] = 0
-    hit = (ray_mask & above.any(1)).numpy()
-    if through.any() and hit.any():
-        # The surface around a hole continues across it: each hole ray takes the depth where the nearest
-        # ray that does meet the surface meets it, and is made solid from there, ``thickness_cells`` deep.
-        first_hit = t.gather(1, above.float().argmax(1, keepdim=True))[:, 0]
-        side_h, side_w = _ray_image_size(camera, max_size)      # the image of _camera_rays' rays
-        _, (ri, ci) = distance_transform_edt(~hit.reshape(side_h, side_w), return_indices=True)
-        depth = first_hit.reshape(side_h, side_w)[ri, ci].reshape(-1)
-        idx = torch.nonzero(through).reshape(-1)
-        offsets = torch.arange(-0.5, thickness_cells + 1e-6, 0.25) * cell
-        points = origins[idx, None] + (depth[idx, None] + offsets[None]).unsqueeze(-1) * dirs[idx, None]
+    idx = torch.nonzero(gap).reshape(-1)
+    if len(idx):
+        step = 0.25 * cell
+        length = int(math.ceil(float((end[idx] - start[idx]).max()) / step)) + 1
+        along = start[idx, None] + torch.arange(length, dtype=torch.float32)[None] * step       # (K, L) depths
+        along = torch.minimum(along, end[idx, None])
+        points = origins[idx, None] + along.unsqueeze(-1) * dirs[idx, None]
         cells = np.floor((points.reshape(-1, 3).numpy() + radius) / cell).astype(np.int64)
         cells = np.unique(cells[((cells >= 0) & (cells < resolution)).all(1)], axis=0)
         ix, iy, iz = cells.T
@@ -92,17 +116,3 @@ def _ray_image_size(camera, max_size: int) -> tuple[int, int]:
     scale = min(1.0, max_size / max(camera.height, camera.width))
     return max(1, round(camera.height * scale)), max(1, round(camera.width * scale))
 
-
-def components_seen(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, camera, mask,
-                    min_pixels: int = 4) -> np.ndarray:
-    """Which connected components (``labels`` per face) the reference camera sees first on at least
-    ``min_pixels`` pixels of its mask: parts the input shows, never floaters, however small."""
-    import trimesh
-
-    from lift3d.mesh.raycast import MeshRaycaster
-
-    m = torch.as_tensor(mask, dtype=torch.float32).reshape(-1).numpy() > 0.5
-    origins, dirs = (x.reshape(-1, 3).double().numpy() for x in camera[:1].to("cpu").rays())
-    hit = MeshRaycaster(trimesh.Trimesh(vertices, faces, process=False)).cast(origins[m], dirs[m])["face_id"]
-    counts = np.bincount(labels[hit[hit >= 0]], minlength=int(labels.max()) + 1)
-    return counts >= min_pixels
