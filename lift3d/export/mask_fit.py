@@ -33,7 +33,7 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     """The edited grid (a copy) and what was done. ``grid`` (R, R, R) holds densities at the cell
     centres of [-radius, radius]^3 indexed [ix, iy, iz]; ``camera`` is the one reference view;
     ``mask`` (H, W[, 1]) its foreground in [0, 1]."""
-    from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes, distance_transform_edt, grey_erosion
+    from scipy.ndimage import binary_dilation, binary_erosion, binary_fill_holes, grey_erosion
 
     from lift3d.export.view_bake import project
 
@@ -65,23 +65,19 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     hits = above.any(1)
     hit_depth = torch.where(hits, t.gather(1, above.float().argmax(1, keepdim=True))[:, 0],
                             torch.full_like(t[:, 0], math.inf))
-    # Where the field renders each ray's surface (transmittance 1/2); where it never gets that opaque, where its
-    # density peaks, and where a ray holds no density at all, the depth of the nearest ray that does.
-    rendered, _ = rendered_depth(sigma, t, delta)
-    peak = t.gather(1, sigma.argmax(1, keepdim=True))[:, 0]
-    depth = torch.where(torch.isfinite(rendered), rendered, peak)
-    side_h, side_w = _ray_image_size(camera, max_size)          # the image of _camera_rays' rays
-    known = (ray_mask & (sigma.amax(1) > 1e-6)).numpy()
-    if known.any() and not known.all():
-        _, (ri, ci) = distance_transform_edt(~known.reshape(side_h, side_w), return_indices=True)
-        depth = torch.where(torch.from_numpy(known), depth, depth.reshape(side_h, side_w)[ri, ci].reshape(-1))
     # A hole (no hit) or a pit (the hit lies well behind the surface around it, as where a distilled field made
-    # a white patch of the object out of faint density): solid from where the surface should be to the hit, or
-    # ``thickness_cells`` deep when there is none. Where it should be: where the field renders the ray, but not in
-    # front of the nearest hits around it (``rim_px``): a plug flush with the rim, not a sheet of haze.
+    # a white patch of the object out of faint density): solid from where the surface should be, ``thickness_cells``
+    # deep (up to the hit). Where it should be: where the field renders the ray (transmittance 1/2), but not in
+    # front of the nearest hits around it (``rim_px``), so the plug is flush with the rim, not a sheet of haze; where
+    # the field never renders the ray that opaque, at the rim; with no hit around either, where its density peaks.
+    side_h, side_w = _ray_image_size(camera, max_size)          # the image of _camera_rays' rays
+    rendered, _ = rendered_depth(sigma, t, delta)
     finite_hits = torch.where(hits, hit_depth, torch.full_like(hit_depth, 1e6)).reshape(side_h, side_w).numpy()
     rim = torch.from_numpy(grey_erosion(finite_hits, size=2 * rim_px + 1).reshape(-1))
-    start = torch.maximum(depth, torch.where(rim < 1e5, rim, depth))
+    peak = t.gather(1, sigma.argmax(1, keepdim=True))[:, 0]
+    has_rim = rim < 1e5
+    start = torch.where(torch.isfinite(rendered), torch.where(has_rim, torch.maximum(rendered, rim), rendered),
+                        torch.where(has_rim, rim, peak))
     end = torch.minimum(hit_depth, start + thickness_cells * cell)
     # Pits not along the outline (``edge_px``), where the field fades out and its rendered depth is noise: slivers.
     interior = torch.from_numpy(binary_erosion(ray_mask.numpy().reshape(side_h, side_w), iterations=edge_px,
