@@ -29,7 +29,7 @@ from lift3d.export.level import _camera_rays, march, rendered_depth
 
 def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, dilate_px: int = 1,
                 thickness_cells: float = 3.0, pit_cells: float = 4.0, edge_px: int = 2, rim_px: int = 4,
-                supersample: int = 2, max_size: int = 512) -> tuple[np.ndarray, dict]:
+                max_size: int = 256) -> tuple[np.ndarray, dict]:
     """The edited grid (a copy) and what was done. ``grid`` (R, R, R) holds densities at the cell
     centres of [-radius, radius]^3 indexed [ix, iy, iz]; ``camera`` is the one reference view;
     ``mask`` (H, W[, 1]) its foreground in [0, 1]."""
@@ -58,10 +58,7 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     grid[background] = np.minimum(grid[background], 0.0)
 
     # 2. Close what the input camera would see through or into: the surface follows the field's render.
-    # On a 2x2 grid of rays per pixel: a viewer's antialiased outline counts a pixel covered when half of it is.
-    fine = camera[:1].to("cpu").with_size(camera.height * supersample, camera.width * supersample)
-    fine_mask = np.repeat(np.repeat(m, supersample, 0), supersample, 1)
-    origins, dirs, ray_mask = _camera_rays(fine, torch.as_tensor(fine_mask, dtype=torch.float32), max_size)
+    origins, dirs, ray_mask = _camera_rays(camera[:1], torch.as_tensor(m, dtype=torch.float32), max_size)
     n_samples = int(math.ceil(2 * math.sqrt(3) * resolution))
     sigma, t, delta = march(torch.from_numpy(grid), radius, origins, dirs, n_samples)
     above = sigma > level
@@ -73,17 +70,17 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     # deep (up to the hit). Where it should be: where the field renders the ray (transmittance 1/2), but not in
     # front of the nearest hits around it (``rim_px``), so the plug is flush with the rim, not a sheet of haze; where
     # the field never renders the ray that opaque, at the rim; with no hit around either, where its density peaks.
-    side_h, side_w = _ray_image_size(fine, max_size)            # the image of _camera_rays' rays
+    side_h, side_w = _ray_image_size(camera, max_size)          # the image of _camera_rays' rays
     rendered, _ = rendered_depth(sigma, t, delta)
     finite_hits = torch.where(hits, hit_depth, torch.full_like(hit_depth, 1e6)).reshape(side_h, side_w).numpy()
-    rim = torch.from_numpy(grey_erosion(finite_hits, size=2 * rim_px * supersample + 1).reshape(-1))
+    rim = torch.from_numpy(grey_erosion(finite_hits, size=2 * rim_px + 1).reshape(-1))
     peak = t.gather(1, sigma.argmax(1, keepdim=True))[:, 0]
     has_rim = rim < 1e5
     start = torch.where(torch.isfinite(rendered), torch.where(has_rim, torch.maximum(rendered, rim), rendered),
                         torch.where(has_rim, rim, peak))
     end = torch.minimum(hit_depth, start + thickness_cells * cell)
     # Pits not along the outline (``edge_px``), where the field fades out and its rendered depth is noise: slivers.
-    interior = torch.from_numpy(binary_erosion(ray_mask.numpy().reshape(side_h, side_w), iterations=edge_px * supersample,
+    interior = torch.from_numpy(binary_erosion(ray_mask.numpy().reshape(side_h, side_w), iterations=edge_px,
                                                border_value=0).reshape(-1))
     gap = (ray_mask & ~hits) | (interior & (hit_depth - start > pit_cells * cell))
     report["see_through_rays"] = int((ray_mask & ~hits).sum())
@@ -99,13 +96,9 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
         points = origins[idx, None] + along.unsqueeze(-1) * dirs[idx, None]
         cells = np.floor((points.reshape(-1, 3).numpy() + radius) / cell).astype(np.int64)
         cells = np.unique(cells[((cells >= 0) & (cells < resolution)).all(1)], axis=0)
-        plug = np.zeros(grid.shape, bool)
-        plug[tuple(cells.T)] = True
-        # One cell wider (not into what the camera sees as background): a plug one cell across shrinks to a
-        # blob that misses its ray, or floats free of the rim and is dropped as a floater.
-        plug = binary_dilation(plug) & ~background & ~(grid > level)
-        report["closed_cells"] = int(plug.sum())
-        grid[plug] = solid
+        ix, iy, iz = cells.T
+        report["closed_cells"] = int((grid[ix, iy, iz] <= level).sum())
+        grid[ix, iy, iz] = np.maximum(grid[ix, iy, iz], solid)
 
     # 3. Fill enclosed cavities.
     inside = grid > level
