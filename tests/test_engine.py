@@ -59,10 +59,11 @@ def test_train_writes_trial_folder_and_resume_continues(tmp_path, tiny_config, d
                             ("summary:", "save/summary.png"), ("losses:", "save/losses.csv")]:
         assert any(line.startswith(line_start) and os.path.join(trial, rel) in line
                    for line in printed.splitlines()), (line_start, printed)
-    # The turntable: RGB | normal | opacity at the eval size (16 px), 3 frames lasting 3 s.
+    # The turntable: field RGB | mesh textured | mesh shaded | field normal | field opacity at the eval size
+    # (16 px), 3 frames lasting 3 s.
     video = imageio.get_reader(os.path.join(trial, "save", "it4-test.mp4"))
     frames = [frame for frame in video]
-    assert frames[0].shape == (16, 3 * 16, 3)
+    assert frames[0].shape == (16, 5 * 16, 3)
     assert len(frames) / video.get_meta_data()["fps"] >= 3
     # The labelled validation strip keeps its width: input, reference render, 2 views.
     assert iio.imread(os.path.join(trial, "save", "it2-val.png")).shape[1] == 4 * 32
