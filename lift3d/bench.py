@@ -97,13 +97,8 @@ def launch_reconstruct(input_png: str, gt_mesh: str, out_dir: str, config: str, 
 
 def _reference_view(trial: str) -> Optional[dict]:
     """The run's own score of its export from the input camera (its metrics.json), if it wrote one."""
-    import json
-
-    try:
-        with open(os.path.join(trial, "metrics.json")) as f:
-            return json.load(f).get("reference_view")
-    except (OSError, ValueError, AttributeError):
-        return None
+    metrics = io.read_json_if_any(os.path.join(trial, "metrics.json"))
+    return metrics.get("reference_view") if isinstance(metrics, dict) else None
 
 
 def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> dict:

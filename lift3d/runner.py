@@ -14,7 +14,6 @@ next one. ``--test``/``--export`` refuse a config that would give other results 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -279,21 +278,10 @@ class Experiment:
         e, a, d = (float(x) for x in camera.spherical[0])
         return f"input camera: elevation {e:.1f}, azimuth {a:.1f}, distance {d:.2f}, fovy {float(camera.fovy_deg[0]):.1f}"
 
-    def _metrics(self) -> Optional[dict]:
-        """This run's metrics.json, if export wrote one."""
-        path = self.path("metrics.json")
-        try:
-            if not os.path.isfile(path):
-                return None
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
     def test(self) -> None:
         """The turntable video (at least MIN_VIDEO_SECONDS long) and the summary image under save/; both show
         the exported mesh next to the field when export/ holds one (a train run exports first)."""
-        if getattr(self.system, "exported", "n/a") is None:
+        if self.system.exported is None:
             found = {k: self.path("export", f"model.{k}") for k in ("glb", "obj")}
             found = {k: v for k, v in found.items() if os.path.isfile(v)}
             self.system.exported = found or None
@@ -305,8 +293,8 @@ class Experiment:
         rows = self.system.summary_images()
         if rows:
             title = f"{self.exp.name}/{self.exp.tag}  step {self.step}  |  {self._camera_line()}"
-            metrics = self._metrics()
-            if metrics:
+            metrics = io.read_json_if_any(self.path("metrics.json"))     # export wrote it, if it ran
+            if isinstance(metrics, dict):
                 title += f"  |  {_metrics_line(metrics)}"
             io.save_image(self.path("save", "summary.png"), figures.labelled_grid(rows, title=title))
             self.outputs["summary"] = self.path("save", "summary.png")

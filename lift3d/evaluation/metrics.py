@@ -117,7 +117,7 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
     else:
         proto = get_protocol(str(protocol), **options)
     gt_full, pred_full = _load(gt), _load(pred)
-    gt_mesh, scale, offset = normalize_mesh(_geometry(gt_full))
+    gt_mesh, _, _ = normalize_mesh(_geometry(gt_full))
     turn = np.eye(4)
     turn[:3, :3] = gt_rotation(proto.gt_rotation_deg)    # SyncDreamer turns its ground truth once normalised
     gt_mesh.apply_transform(turn)
@@ -161,8 +161,7 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
     if appearance:
         from lift3d.evaluation.appearance import gt_view_scores
 
-        gt_coloured = gt_full.copy()
-        gt_coloured.vertices = np.asarray(gt_full.vertices) * scale + offset
+        gt_coloured, _, _ = normalize_mesh(gt_full)       # the same frame as gt_mesh: the same bounding box
         gt_coloured.apply_transform(turn)
         pred_coloured = pred_full.copy()
         if proto.normalize_pred:

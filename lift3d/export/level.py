@@ -118,10 +118,15 @@ def candidate_levels(grid_max: float, n: int = 96) -> np.ndarray:
     return np.geomspace(grid_max * 1e-3, grid_max * 0.98, n)
 
 
+def ray_image_size(cameras, max_size: int) -> tuple[int, int]:
+    """(height, width) of the ray image :func:`_camera_rays` casts: the cameras' size, shrunk to at most ``max_size``."""
+    scale = min(1.0, max_size / max(cameras.height, cameras.width))
+    return max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))
+
+
 def _camera_rays(cameras, mask: Optional[torch.Tensor], max_size: int):
     """Rays (N, 3) x2 of ``cameras`` at most ``max_size`` pixels high, and the mask resized to them."""
-    scale = min(1.0, max_size / max(cameras.height, cameras.width))
-    h, w = max(1, round(cameras.height * scale)), max(1, round(cameras.width * scale))
+    h, w = ray_image_size(cameras, max_size)
     cams = cameras.to("cpu").with_size(h, w)
     origins, dirs = (x.reshape(-1, 3).float() for x in cams.rays())
     if mask is not None:

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from lift3d.export.level import _camera_rays, march, rendered_depth
+from lift3d.export.level import _camera_rays, march, ray_image_size, rendered_depth
 
 
 def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, dilate_px: int = 1,
@@ -70,7 +70,7 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     # deep (up to the hit). Where it should be: where the field renders the ray (transmittance 1/2), but not in
     # front of the nearest hits around it (``rim_px``), so the plug is flush with the rim, not a sheet of haze; where
     # the field never renders the ray that opaque, at the rim; with no hit around either, where its density peaks.
-    side_h, side_w = _ray_image_size(camera, max_size)          # the image of _camera_rays' rays
+    side_h, side_w = ray_image_size(camera, max_size)          # the image of _camera_rays' rays
     rendered, _ = rendered_depth(sigma, t, delta)
     finite_hits = torch.where(hits, hit_depth, torch.full_like(hit_depth, 1e6)).reshape(side_h, side_w).numpy()
     rim = torch.from_numpy(grey_erosion(finite_hits, size=2 * rim_px + 1).reshape(-1))
@@ -106,9 +106,4 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
     report["filled_cells"] = int(cavities.sum())
     grid[cavities] = solid
     return grid, report
-
-
-def _ray_image_size(camera, max_size: int) -> tuple[int, int]:
-    scale = min(1.0, max_size / max(camera.height, camera.width))
-    return max(1, round(camera.height * scale)), max(1, round(camera.width * scale))
 

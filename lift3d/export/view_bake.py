@@ -61,15 +61,13 @@ def sample_image(image: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
-def visible(intersector, origin: np.ndarray, points: np.ndarray, tolerance: float) -> np.ndarray:
-    """Whether the first hit of the ray from ``origin`` towards each point is the point itself."""
+def visible(raycaster, origin: np.ndarray, points: np.ndarray, tolerance: float) -> np.ndarray:
+    """Whether the first hit of the ray from ``origin`` towards each point is the point itself
+    (``raycaster``: a MeshRaycaster of the mesh; a miss counts as seen)."""
     direction = points - origin
     distance = np.linalg.norm(direction, axis=1)
-    direction = direction / np.maximum(distance, 1e-12)[:, None]
-    origins = np.broadcast_to(origin, points.shape)
-    tri, ray, loc = intersector.intersects_id(origins, direction, multiple_hits=False, return_locations=True)
-    first = np.full(len(points), np.inf)
-    first[ray] = np.einsum("ij,ij->i", loc - origins[ray], direction[ray])
+    hit = raycaster.cast(np.broadcast_to(origin, points.shape), direction / np.maximum(distance, 1e-12)[:, None])
+    first = np.where(hit["face_id"] >= 0, hit["t"], np.inf)
     return first >= distance - tolerance
 
 
@@ -80,7 +78,7 @@ def bake_from_views(mesh, points: np.ndarray, normals: np.ndarray, views: Sequen
     first hit may be and still count as the point (default: 0.5 % of the mesh's bounding-box diagonal)."""
     from lift3d.mesh.raycast import MeshRaycaster
 
-    intersector = MeshRaycaster(mesh)._intersector
+    raycaster = MeshRaycaster(mesh)
     if tolerance is None:
         tolerance = 5e-3 * float(np.linalg.norm(np.ptp(np.asarray(mesh.vertices), axis=0)))
     total = np.zeros((len(points), 3))
@@ -97,7 +95,7 @@ def bake_from_views(mesh, points: np.ndarray, normals: np.ndarray, views: Sequen
         idx = np.flatnonzero(candidate)
         if not len(idx):
             continue
-        idx = idx[visible(intersector, origin, points[idx], tolerance)]
+        idx = idx[visible(raycaster, origin, points[idx], tolerance)]
         alpha = sample_image(view.alpha[..., None].astype(np.float64), pixels[idx])[:, 0]
         w_view = view.weight * np.clip(alpha, 0, 1) * cos[idx] ** sharpness
         total[idx] += w_view[:, None] * sample_image(view.rgb.astype(np.float64), pixels[idx])

@@ -43,6 +43,10 @@ class RunContext:
 
 
 class BaseSystem(PluginModule):
+    # The paths export() wrote ({"obj", "glb", ...}), or None before export: the turntable and the summary show
+    # the exported mesh. The runner fills it from the trial's export/ for --test.
+    exported: Optional[dict] = None
+
     def setup(self, data, context: RunContext, train: bool) -> None:
         self.data, self.context = data, context
 

@@ -91,7 +91,6 @@ class ImageTo3D(BaseSystem):
         self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
                                                           background=self.background, path=f"{path}.renderer")
         self.guidance = None  # built by prepare_guidance: --test and --export never load it
-        self.exported: Optional[dict] = None  # the paths export() wrote (the turntable and summary show them)
         if c.reference_background not in REFERENCE_BACKGROUNDS:
             raise ConfigError(f"{path}.reference_background must be one of {', '.join(REFERENCE_BACKGROUNDS)}, "
                               f"got '{c.reference_background}'")
@@ -322,9 +321,7 @@ class ImageTo3D(BaseSystem):
         size = ref["rgb"].shape[1:3]               # a latent field's: the decoded size
         labels = ["input camera"] + [_azimuth(cameras, i) for i in range(len(cameras))]
         kinds = ("rgb", "normal", "depth", "opacity")
-        mesh = self._mesh_panels(Cameras.cat([self.reference.camera.with_size(*size).to("cpu"),
-                                              cameras.with_size(*size).to("cpu")]) if len(cameras)
-                                 else self.reference.camera.with_size(*size).to("cpu"))
+        mesh = self._mesh_panels(Cameras.cat([c.with_size(*size).to("cpu") for c in (self.reference.camera, cameras)]))
         names = {"rgb": "field RGB", "normal": "field normals", "depth": "field depth", "opacity": "field opacity"}
         rows = []
         for kind in kinds:

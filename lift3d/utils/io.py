@@ -42,6 +42,15 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_if_any(path: str) -> Any:
+    """The JSON in ``path``, or None when there is no such file or it cannot be read as JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def save_torch(path: str, obj: Any) -> None:
     import torch
 
