@@ -45,7 +45,7 @@ def schedulable(default: Any):
     return field(default=default, metadata={"schedulable": True})
 
 
-def _check_schedule(value: Any, path: str) -> None:
+def check_schedule(value: Any, path: str) -> None:
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected {SCHEDULE_HELP}, got {value!r}")
     if isinstance(value, (int, float)):
@@ -76,7 +76,7 @@ def C(value: Any, step: int) -> float:
     return knots[-1][1]
 
 
-def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
+def unknown_key_message(path: str, key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     where = f"{path}.{key}" if path else key
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -89,7 +89,7 @@ def _check_keys(schema: type, cfg: Any, path: str) -> None:
     valid = [f.name for f in dataclasses.fields(schema)]
     for key in cfg:
         if key not in valid:
-            raise ConfigError(_unknown_key_message(path, str(key), valid))
+            raise ConfigError(unknown_key_message(path, str(key), valid))
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(cfg[key], (dict, DictConfig)):
             _check_keys(sub, cfg[key], f"{path}.{key}" if path else str(key))
@@ -114,7 +114,7 @@ def _check_schedules(schema: type, obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(value):
             _check_finite(value, where)
         if f.metadata.get("schedulable"):
-            _check_schedule(value, where)
+            check_schedule(value, where)
         elif dataclasses.is_dataclass(value):
             _check_schedules(type(value), value, where)
 

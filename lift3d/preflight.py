@@ -2,15 +2,18 @@
 memory this process can still get before anything large is loaded.
 
 A run that would not fit stops with one line naming the setting to lower, not with an allocator
-traceback half-way into step 0. The estimate adds up:
-- ``model``: the weight files of the guidance model(s) (a ``.ckpt`` is read whole);
-- ``render``: activations held for the backward pass by the training renders, per rendered sample
-  (measured per geometry, ``BYTES_PER_SAMPLE``); a render above ``system.renderer.train_chunk_samples``
-  holds one checkpointed chunk at a time, smaller ones are held whole until backward;
-- ``vae``: the VAE encoder (RGB renders, ``encode_chunk`` images at a time) or decoder (a latent field's
-  reference view) with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
-- ``unet``: the UNet's forward pass (no gradients) on ``unet_chunk`` guidance views at a time, both halves
-  of classifier-free guidance, from the latent size and the block widths (``UNET_GIB_PER_VIEW``, measured);
+traceback half-way into step 0. The estimate adds up what each plugin says it needs for the step (its
+``memory_estimate(plan)`` hook, lift3d/plugin.py: ``{part: (GiB, setting to lower)}``; this module knows
+no plugin by name), given a :class:`lift3d.plugin.MemoryPlan` of the step's renders at every resolution
+stage. The parts today:
+- ``render`` (renderer): activations held for the backward pass by the training renders (the volume
+  renderer: the geometry's measured ``bytes_per_sample``; the Gaussian rasterizer: pixel-Gaussian pairs);
+- ``model``, ``unet``, ``vae`` (a diffusion prior, through its guidance): the weight files (a ``.ckpt`` is
+  read whole); the UNet's forward pass (no gradients) on ``unet_chunk`` guidance views, both halves of
+  classifier-free guidance, from the latent size and block widths (``UNET_GIB_PER_VIEW``, measured); the
+  VAE encoder (RGB renders, ``encode_chunk`` images at a time) or decoder (a latent field's reference view)
+  with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
+and, from this module:
 - ``heap``: with ``trainer.mmap_threshold_mib: 0`` on glibc, the freed render and VAE tensors that stay
   resident (lift3d/utils/heap.py), counted as one more render and VAE pass (measured: 1.5-2.0 GiB at
   stable-zero123's 256 px milestone, where those parts are 1.7 GiB);
@@ -23,20 +26,17 @@ traceback half-way into step 0. The estimate adds up:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from lift3d.config import TrainerConfig
 from lift3d.errors import UserError
+from lift3d.plugin import MemoryPlan
 from lift3d.utils.heap import fragments_heap
 
 GIB = 2 ** 30
 BASELINE_GIB = 0.8
-# Bytes held for backward per rendered sample (forward + backward of a 2^21-sample render, CPU, fp32).
-BYTES_PER_SAMPLE = {"hashgrid-nerf": 3300, "voxel-rf": 200}
-NORMALS_FACTOR = 1.9            # hash grid with normals: 6.0 KB per sample instead of 3.2 KB
 MARGIN = 0.05                   # of the other parts together: the allocator's slack
 VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element of each layer
 # Peak extra RSS of one guidance view (a conditional + an unconditional latent) through the published
@@ -44,6 +44,9 @@ VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element o
 UNET_GIB_PER_VIEW = 0.1
 UNET_WIDTHS = (320, 640, 1280, 1280)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Stable Diffusion's VAE and UNet, which every published Zero123 model uses (for a .ckpt or a hub id).
+SD_CONFIGS = {"vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 256},
+              "unet": {"block_out_channels": list(UNET_WIDTHS)}}
 
 
 @dataclass
@@ -73,19 +76,6 @@ def weights_gib(path: str, variant: Optional[str] = None) -> float:
     return total / GIB
 
 
-def _model_config(model_path: str, part: str, default: dict) -> dict:
-    path = os.path.join(os.path.expanduser(str(model_path or "")), part, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return default   # a .ckpt or a hub id: Stable Diffusion's, as all published Zero123 models
-
-
-def _vae_config(model_path: str) -> dict:
-    return _model_config(model_path, "vae", {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                                             "sample_size": 256})
-
-
 def unet_gib(unet: dict, views: int, latent_pixels: int) -> float:
     """Peak activations of a no-gradient UNet pass on ``views`` guidance views (CFG: two latents each)."""
     width = sum(unet.get("block_out_channels", UNET_WIDTHS)) / sum(UNET_WIDTHS)
@@ -104,81 +94,46 @@ def _nonzero(value) -> bool:
     return any(float(v) != 0 for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
-def _prior_config(guidance: dict) -> dict:
-    """The prior's keys: a preset's flat block or score-distillation's ``prior``."""
-    return guidance.get("prior", guidance) or {}
-
-
-def _models(guidance: dict) -> tuple[list[str], Optional[str]]:
-    from lift3d.priors.zero123 import BUNDLED_MODEL
-
-    prior = _prior_config(guidance)
-    paths = [prior.get("pretrained_model_name_or_path") or BUNDLED_MODEL]
-    if prior.get("refiner_name_or_path"):
-        paths.append(prior["refiner_name_or_path"])
-    return paths, prior.get("variant")
+def memory_plan(system, data, guidance=None) -> MemoryPlan:
+    """The renders of ``system``'s training step at each of ``data``'s resolution stages."""
+    loss = system.loss_weights
+    c = data.cfg
+    f = guidance.latent_factor if system.latent_field and guidance is not None else 1
+    reference = any(_nonzero(loss[k]) for k in ("rgb", "mask", "depth_smooth_ref"))
+    stages = []
+    for views, h, w in data.stages():
+        renders = [("reference", 1, c.reference_height // f, c.reference_width // f)] if reference else []
+        renders.append(("guidance", views, h, w))
+        if _nonzero(loss["near_view"]):
+            renders.append(("near_view", views, h, w))
+        stages.append(renders)
+    return MemoryPlan(stages=stages, normals=_nonzero(loss["normal_smooth"]) or _nonzero(loss["orient"]),
+                      latent_field=system.latent_field, decode_reference=system.latent_field and _nonzero(loss["rgb"]))
 
 
 def estimate_step_memory(system, data, mmap_threshold_mib: float = TrainerConfig.mmap_threshold_mib) -> Estimate:
-    """The peak resident memory of a training step of ``system`` on ``data`` (``trainer.mmap_threshold_mib``)."""
-    from lift3d.priors.zero123 import Zero123Prior
+    """The peak resident memory of a training step of ``system`` on ``data`` (``trainer.mmap_threshold_mib``):
+    the sum of every plugin's ``memory_estimate``. The guidance is built (cheap: no weights) when the system
+    has not loaded it yet."""
+    from lift3d.registry import find
 
+    guidance = system.guidance
+    if guidance is None and system.cfg.guidance_type:
+        guidance = find(system.cfg.guidance_type, "guidance")(system.cfg.guidance, path="system.guidance")
+    plan = memory_plan(system, data, guidance)
     est = Estimate(parts={"baseline": BASELINE_GIB})
-    r, g = system.renderer.cfg, system.cfg
-    guidance = dict(g.guidance or {}) if g.guidance_type else {}
-    paths, vae = [], None
-    if g.guidance_type and g.guidance_type != "multiview-oracle":
-        paths, variant = _models(guidance)
-        est.parts["model"] = sum(weights_gib(p, variant) for p in paths)
-        vae = _vae_config(paths[0])
-    S, budget = r.num_samples_per_ray, r.train_chunk_samples
-    per_sample = BYTES_PER_SAMPLE.get(g.geometry_type, max(BYTES_PER_SAMPLE.values()))
-    loss = system.cfg.loss
-    normals = _nonzero(loss.lambda_normal_smooth) or _nonzero(loss.lambda_orient)
-    factor = 8 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
-    c = data.cfg
-    ref = c.reference_height * c.reference_width // (factor ** 2 if system.latent_field else 1)
-    worst, worst_unet = 0.0, 0.0
-    unet = _model_config(paths[0], "unet", {}) if vae is not None else None
-    unet_chunk = int(_prior_config(guidance).get("unet_chunk", Zero123Prior.Config.unet_chunk))
-    for stage in range(len(c.resolution_milestones) + 1):
-        data._stage = stage
-        h, w = data.guidance_size
-        if unet is not None:   # an RGB render is resized to the model's input; a latent field is the latent
-            latent = h * w if system.latent_field else (int(vae.get("sample_size", 256)) // factor) ** 2
-            views = min(data.batch_size, unet_chunk or data.batch_size)
-            worst_unet = max(worst_unet, unet_gib(unet, views, latent))
-        renders = [(ref * S, 1.0), (data.batch_size * h * w * S, NORMALS_FACTOR if normals else 1.0)]
-        if _nonzero(loss.lambda_near_view):
-            renders.append(renders[-1])
-        held = sum(n * f for n, f in renders if not budget or n <= budget)
-        chunk = max((min(n, budget) * f for n, f in renders if budget and n > budget), default=0)
-        worst = max(worst, (held + chunk) * per_sample / GIB)
-    data._stage = 0
-    est.parts["render"] = worst
-    if unet is not None:
-        est.parts["unet"] = worst_unet
-        est.settings["unet"] = f"system.guidance.unet_chunk (now {unet_chunk})"
-    est.settings["render"] = (f"system.renderer.train_chunk_samples (now {budget})" if budget else
-                              f"system.renderer.num_samples_per_ray (now {S}) or set train_chunk_samples")
-    if vae is not None:
-        if system.latent_field:
-            est.parts["vae"] = vae_gib(vae, 1, decoder=True) if _nonzero(loss.lambda_rgb) else 0.0
-            est.settings["vae"] = f"data.reference_height (now {c.reference_height})"
-        else:
-            n = min(int(guidance.get("encode_chunk", 1)), max(int(v) for v in _staged_list(c.batch_size)))
-            est.parts["vae"] = vae_gib(vae, n, decoder=False)
-            est.settings["vae"] = f"system.guidance.encode_chunk (now {guidance.get('encode_chunk', 1)})"
+    parts = [p for p in system.plugins() if p is not system.guidance] + ([guidance] if guidance is not None else [])
+    for part in parts:
+        for name, (gib, setting) in part.memory_estimate(plan).items():
+            est.parts[name] = est.parts.get(name, 0.0) + gib
+            if setting:
+                est.settings[name] = setting
     if fragments_heap(mmap_threshold_mib):
-        est.parts["heap"] = est.parts["render"] + est.parts.get("vae", 0.0)
+        est.parts["heap"] = est.parts.get("render", 0.0) + est.parts.get("vae", 0.0)
         est.settings["heap"] = (f"trainer.mmap_threshold_mib={TrainerConfig.mmap_threshold_mib:g} "
                                 f"(now {mmap_threshold_mib:g})")
     est.parts["margin"] = MARGIN * est.total_gib
     return est
-
-
-def _staged_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _meminfo_gib(key: str) -> Optional[float]:

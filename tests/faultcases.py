@@ -440,7 +440,7 @@ CASES = [
                                        "--azimuth", "30", "--out", "{dir}/nvs"], message="photo.jpg",
          avoid="weights_only", setup=write("photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 200)),
     Case("unknown plugin names the valid ones", L + ["system.geometry_type=x"],
-         message="valid: hashgrid-nerf, voxel-rf", avoid="guidance"),
+         message="valid: gaussians, hashgrid-nerf, voxel-rf", avoid="guidance"),
     Case("nvs: missing image before the model loads", [*NVS[:3], "--image", "{dir}/missing.png", *NVS[3:]],
          message="missing.png", timeout=20),
     # leftovers

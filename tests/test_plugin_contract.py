@@ -96,13 +96,9 @@ class GrowingField(VoxelRadianceField):
         self.points = torch.nn.Parameter(torch.zeros(1, 3))
         self.seen = []
 
-    def after_backward(self, optimizer, step):
-        self.seen.append((step, self.density_raw.grad is not None))
-        for group in optimizer.param_groups:
-            if any(p is self.points for p in group["params"]):
-                group["params"] = [p for p in group["params"] if p is not self.points]
-                self.points = torch.nn.Parameter(torch.cat([self.points.detach(), torch.ones(1, 3)]))
-                group["params"].append(self.points)
+    def after_backward(self, ctx):
+        self.seen.append((ctx.step, self.density_raw.grad is not None, "guidance" in ctx.outputs))
+        self.points = ctx.optimizer.extend(self.points, torch.ones(1, 3))
 
 
 register("growing-test-field", "geometry")(GrowingField)
@@ -116,9 +112,42 @@ def test_after_backward_hook_and_checkpoints_with_another_parameter_count(tmp_pa
     args = [f"image={image}", f"exp_root_dir={tmp_path / 'out'}"]
     exp = Experiment(load_config(str(path), args))
     exp.train()
-    assert exp.system.geometry.seen == [(0, True), (1, True), (2, True)]   # after backward, before the step
+    assert exp.system.geometry.seen == [(0, True, True), (1, True, True), (2, True, True)]   # after backward, before the step
     ckpt = exp.ckpt_path
     assert load_checkpoint(ckpt)["system"]["geometry.points"].shape == (4, 3)
     resumed = Experiment(load_config(str(path), args + [f"resume={ckpt}", "trainer.max_steps=5"]))
     resumed.train()   # a fresh field has 1 point; the checkpoint's 4 load, and keep growing
     assert resumed.system.geometry.points.shape == (6, 3)
+
+
+class CentredField(VoxelRadianceField):
+    """Adding a loss: one function and its declaration, nothing else anywhere."""
+
+    loss_defaults = {"centred": 0.0}
+
+    def losses(self, ctx):
+        # The guidance views' depth should stay near the camera distance: uses this step's renders.
+        return {"centred": (ctx.outputs["guidance"]["depth"] - 1.5).abs().mean()}
+
+
+register("centred-test-field", "geometry")(CentredField)
+
+
+def test_a_plugin_adds_a_loss_in_one_function(tmp_path, image):
+    from lift3d.errors import ConfigError
+
+    path = tmp_path / "centred.yaml"
+    path.write_text(TINY.replace("guidance_type: score-distillation", "guidance_type: null")
+                    .replace("  geometry: {", "  geometry_type: centred-test-field\n  geometry: {"))
+    args = [f"image={image}", f"exp_root_dir={tmp_path / 'out'}"]
+    exp = Experiment(load_config(str(path), args + ["system.loss.lambda_centred=[0,2.0,4.0,10]"]))
+    exp.system.setup(exp.data, exp.context(), train=True)
+    torch.manual_seed(0)
+    out = exp.system.training_step(exp.data.sample_views(), step=5)     # the schedule's weight at step 5: 3
+    without = out["loss"] - 3.0 * out["loss_centred"]
+    assert out["loss_centred"] > 0 and torch.isclose(without, 1.0 * out["loss_rgb"] + 0.0, rtol=1e-5)
+    off = Experiment(load_config(str(path), args))        # declared default 0: not computed at all
+    off.system.setup(off.data, off.context(), train=True)
+    assert "loss_centred" not in off.system.training_step(off.data.sample_views(), step=0)
+    with pytest.raises(ConfigError, match="lambda_centered.*did you mean lambda_centred"):
+        Experiment(load_config(str(path), args + ["system.loss.lambda_centered=1"]))

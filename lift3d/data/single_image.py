@@ -119,9 +119,14 @@ class SingleImageData(Plugin):
     def update_step(self, step: int) -> None:
         self._stage = bisect.bisect_right(list(self.cfg.resolution_milestones), step)
 
-    def _staged(self, key: str) -> int:
-        value = getattr(self.cfg, key)
-        return int(value[min(self._stage, len(value) - 1)]) if isinstance(value, (list, tuple)) else int(value)
+    def _staged(self, key: str, stage: Optional[int] = None) -> int:
+        value, stage = getattr(self.cfg, key), self._stage if stage is None else stage
+        return int(value[min(stage, len(value) - 1)]) if isinstance(value, (list, tuple)) else int(value)
+
+    def stages(self) -> list:
+        """(guidance views, height, width) of each resolution stage, first to last."""
+        return [(self._staged("batch_size", s), self._staged("height", s), self._staged("width", s))
+                for s in range(len(self.cfg.resolution_milestones) + 1)]
 
     @property
     def batch_size(self) -> int:

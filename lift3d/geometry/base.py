@@ -8,9 +8,11 @@ A geometry is a field inside the axis-aligned box ``[-radius, radius]^3`` (world
   box, indexed [ix, iy, iz] along world x, y, z (what marching cubes consumes);
 - ``color(points)`` -> (N, 3) RGB in [0, 1] for texture baking (RGB fields only);
 - ``normal(points, eps)`` -> (N, 3) unit normals -grad(sigma)/|grad(sigma)| by central differences;
-- ``after_backward(optimizer, step)``: called after each backward pass, before the optimiser step
-  (where a point-based field densifies and prunes; list such parameters in ``resizable_parameters``
-  so checkpoints with another count load, see ``lift3d/systems/base.py``).
+- the plugin hooks of lift3d/plugin.py (``after_backward(ctx)`` is where a point-based field densifies
+  and prunes; list such parameters and per-point buffers in ``resizable_parameters`` so checkpoints with
+  another count load, see ``lift3d/systems/base.py``);
+- ``bytes_per_sample``: bytes a volume render holds for backward per sample of this field (measured; the
+  pre-flight memory check uses it).
 """
 
 from __future__ import annotations
@@ -29,15 +31,12 @@ class BaseGeometry(PluginModule):
         radius: float = 1.0
 
     n_feature_dims: int = 3
-    resizable_parameters: tuple = ()
+    bytes_per_sample: int = 3300     # the hash grid's, the largest measured: fields that do not say are not under-counted
 
     def __init__(self, cfg=None, path: str = "geometry"):
         super().__init__(cfg, path)
         if not self.cfg.radius > 0:
             raise ConfigError(f"{path}.radius must be positive, got {self.cfg.radius}")
-
-    def after_backward(self, optimizer, step: int) -> None:
-        """Densify/prune hook; fields with a fixed parameter count do nothing."""
 
     @property
     def bbox(self) -> torch.Tensor:

@@ -33,6 +33,10 @@ def _mlp(n_in: int, n_out: int, neurons: int, hidden_layers: int) -> nn.Sequenti
 
 @register("hashgrid-nerf", "geometry")
 class HashGridNeRF(BaseGeometry):
+    # Bytes a volume render holds for backward per sample (forward + backward of a 2^21-sample render, CPU, fp32):
+    # 16 levels x 8 corners plus the MLP's activations.
+    bytes_per_sample = 3300
+
     @dataclass
     class Config(BaseGeometry.Config):
         n_feature_dims: int = 3                 # 3 = RGB in [0, 1]; 4 = Stable-Diffusion latents

@@ -29,6 +29,10 @@ from lift3d.registry import register
 
 @register("voxel-rf", "geometry")
 class VoxelRadianceField(BaseGeometry):
+    # Bytes a volume render holds for backward per sample (forward + backward of a 2^21-sample render, CPU, fp32):
+    # a trilinear lookup keeps little for backward.
+    bytes_per_sample = 200
+
     @dataclass
     class Config(BaseGeometry.Config):
         grid_size: int = 100

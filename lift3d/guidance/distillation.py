@@ -76,6 +76,20 @@ class ScoreDistillation(BaseGuidance):
         super().prepare(reference, context)
         self.prior.prepare(reference, context)
 
+    def memory_estimate(self, plan) -> dict:
+        """The prior's parts, and for RGB renders the VAE encoder with gradients, ``encode_chunk`` images
+        at a time (each chunk's graph is recomputed in backward)."""
+        parts = self.prior.memory_estimate(plan)
+        vae = getattr(self.prior, "part_config", None)
+        if not plan.latent_field and vae is not None:
+            from lift3d.preflight import vae_gib
+
+            views = max((v for v, _, _ in plan.renders("guidance")), default=1)
+            n = min(self.cfg.encode_chunk, views)
+            parts["vae"] = (vae_gib(vae("vae"), n, decoder=False),
+                            f"system.guidance.encode_chunk (now {self.cfg.encode_chunk})")
+        return parts
+
     def update_step(self, step: int) -> None:
         self.method.update_step(step)
         self.prior.update_step(step)

@@ -51,6 +51,10 @@ class CascadeZero123Prior(Zero123Prior):
             raise ConfigError(f"{path}.pose_variant: Cascade-Zero123 refiners use the zero123 pose vector")
         self.base = None
 
+    def weight_paths(self) -> list:
+        base = super().weight_paths()
+        return base + [self.cfg.refiner_name_or_path or BUNDLED_REFINER]
+
     # ------------------------------------------------------------------ set-up
 
     def refiner_path(self, base_path: str) -> str:

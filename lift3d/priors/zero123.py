@@ -109,7 +109,46 @@ class Zero123Prior(ViewConditionedPrior):
     @property
     def latent_factor(self) -> int:
         # The VAE halves the resolution between consecutive blocks (8 for Stable Diffusion's four).
-        return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+        blocks = self.model.vae.config.block_out_channels if self.model is not None else \
+            self.part_config("vae")["block_out_channels"]
+        return 2 ** (len(blocks) - 1)
+
+    # ------------------------------------------------------------------ memory, before loading
+
+    def weight_paths(self) -> list:
+        return [resolve_model_path(self.cfg.pretrained_model_name_or_path)]
+
+    def part_config(self, part: str) -> dict:
+        """``vae`` or ``unet`` config.json of a diffusers folder, without loading it; Stable Diffusion's
+        (all published Zero123 models') for a .ckpt or a hub id."""
+        from lift3d.preflight import SD_CONFIGS
+
+        path = os.path.join(os.path.expanduser(self.weight_paths()[0]), part, "config.json")
+        if os.path.isfile(path):
+            import json
+
+            with open(path) as f:
+                return json.load(f)
+        return SD_CONFIGS[part]
+
+    def memory_estimate(self, plan) -> dict:
+        """The weights, the UNet pass on ``unet_chunk`` guidance views (both CFG halves), and the decoder
+        with gradients when a latent reference render is decoded (lift3d/preflight.py: the measured rates)."""
+        from lift3d.preflight import unet_gib, vae_gib, weights_gib
+
+        vae, unet = self.part_config("vae"), self.part_config("unet")
+        f = self.latent_factor
+        worst = 0.0
+        for views, h, w in plan.renders("guidance"):
+            latent = h * w if plan.latent_field else (int(vae.get("sample_size", 256)) // f) ** 2
+            worst = max(worst, unet_gib(unet, min(views, self.cfg.unet_chunk or views), latent))
+        parts = {"model": (sum(weights_gib(p, self.cfg.variant) for p in self.weight_paths()), None),
+                 "unet": (worst, f"system.guidance.unet_chunk (now {self.cfg.unet_chunk})")}
+        if plan.latent_field:
+            size = plan.renders("reference")
+            parts["vae"] = (vae_gib(vae, 1, decoder=True) if plan.decode_reference else 0.0,
+                            f"data.reference_height (now {size[0][1] * f if size else '?'})")
+        return parts
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 
 from lift3d.cameras import Cameras
 from lift3d.errors import ConfigError
-from lift3d.plugin import PluginModule
+from lift3d.plugin import MemoryPlan, PluginModule
 from lift3d.registry import register
 from lift3d.renderers.occupancy import OccupancyGrid
 
@@ -71,6 +71,10 @@ def _exclusive_segment_cumsum(x: torch.Tensor, segment: torch.Tensor) -> torch.T
     first[1:] = segment[1:] != segment[:-1]
     start = torch.cumsum(first, 0) - 1                                 # run number of each element
     return (total - total[first][start]).to(x.dtype)
+
+
+GIB = 2 ** 30
+NORMALS_FACTOR = 1.9     # a render with normals holds this much more for backward (hash grid: 6.0 KB a sample, not 3.2)
 
 
 @dataclass
@@ -183,6 +187,22 @@ class VolumeRenderer(PluginModule):
         if normals:
             out["comp_normal"] = (image(ray["normal"]) + 1.0) / 2.0
         return out
+
+    def memory_estimate(self, plan: MemoryPlan) -> dict:
+        """Activations the step's renders hold for backward: the geometry's ``bytes_per_sample`` per sample;
+        a render above ``train_chunk_samples`` holds one checkpointed chunk at a time, smaller ones are held
+        whole until backward. The largest stage counts."""
+        S, budget = self.cfg.num_samples_per_ray, self.cfg.train_chunk_samples
+        worst = 0.0
+        for renders in plan.stages:
+            samples = [(views * h * w * S, NORMALS_FACTOR if plan.normals and name != "reference" else 1.0)
+                       for name, views, h, w in renders]
+            held = sum(n * f for n, f in samples if not budget or n <= budget)
+            chunk = max((min(n, budget) * f for n, f in samples if budget and n > budget), default=0)
+            worst = max(worst, held + chunk)
+        setting = (f"system.renderer.train_chunk_samples (now {budget})" if budget else
+                   f"system.renderer.num_samples_per_ray (now {S}) or set train_chunk_samples")
+        return {"render": (worst * self.geometry.bytes_per_sample / GIB, setting)}
 
     def _chunking(self, n_rays: int):
         """(how to render a chunk of rays, rays per chunk) for this render."""

@@ -19,9 +19,9 @@ module's random views; a system owns the model, its losses and what it shows and
 - ``metrics(exported, protocol)``: given ``export``'s paths, the JSON of ``lift3d eval`` against the
   run's ground truth, or None when there is none.
 
-Checkpoints hold ``state_dict()``. A module may list in ``resizable_parameters`` the parameters whose
-number changes during training (points that densify); ``load_state_dict`` resizes them to the
-checkpoint's shape first, so a resumed run gets the checkpoint's count.
+Checkpoints hold ``state_dict()``. A module may list in ``resizable_parameters`` the parameters and
+buffers whose first dimension changes during training (points that densify, their statistics);
+``load_state_dict`` resizes them to the checkpoint's shape first, so a resumed run gets its count.
 """
 
 from __future__ import annotations
@@ -82,8 +82,12 @@ class BaseSystem(PluginModule):
             except AttributeError:
                 continue  # an unexpected key: super() names it
             current = getattr(owner, attr, None)
-            if attr in getattr(owner, "resizable_parameters", ()) and isinstance(current, nn.Parameter) \
-                    and current.shape != value.shape:
-                setattr(owner, attr, nn.Parameter(torch.empty(value.shape, dtype=current.dtype, device=current.device),
-                                                  requires_grad=current.requires_grad))
+            if attr not in getattr(owner, "resizable_parameters", ()) or not torch.is_tensor(current) \
+                    or current.shape == value.shape:
+                continue
+            empty = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(empty, requires_grad=current.requires_grad))
+            else:
+                owner.register_buffer(attr, empty, persistent=attr not in owner._non_persistent_buffers_set)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

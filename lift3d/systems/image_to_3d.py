@@ -6,22 +6,27 @@ Every training step has two parts (threestudio's "accumulate" mode):
    regularise them (``near_view``, ``depth_smooth``, ``normal_smooth``, ``orient``, ``sparsity``,
    ``opaque``).
 Each ``loss_x`` is weighted by ``system.loss.lambda_x`` (any of them may be a schedule); a term
-whose weight is 0 is not computed at all.
+whose weight is 0 is not computed at all. Plugins add terms of their own through the ``losses(ctx)``
+hook (lift3d/plugin.py), declared in their ``loss_defaults``; ``system.loss`` accepts exactly the
+built-in names and the declared ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig
 
 from lift3d.cameras import Cameras, look_at
-from lift3d.config import C, schedulable
+from lift3d.config import C, check_schedule, schedulable, unknown_key_message
 from lift3d.errors import ConfigError, UserError
 from lift3d.export.mesh import ExportConfig
 from lift3d.guidance.base import GuidanceContext
+from lift3d.plugin import OptimizerOps, StepContext
 from lift3d.registry import find, register
 from lift3d.systems import losses
 from lift3d.systems.base import BaseSystem, RunContext
@@ -31,6 +36,7 @@ from lift3d.utils.images import resize
 
 @dataclass
 class LossConfig:
+    """The system's own loss weights (``system.loss``; plugins declare more in ``loss_defaults``)."""
     lambda_guidance: Any = schedulable(1.0)
     lambda_rgb: Any = schedulable(0.0)
     lambda_mask: Any = schedulable(0.0)
@@ -68,7 +74,7 @@ class ImageTo3D(BaseSystem):
         renderer: dict = field(default_factory=dict)
         guidance_type: Optional[str] = None
         guidance: dict = field(default_factory=dict)
-        loss: LossConfig = field(default_factory=LossConfig)
+        loss: dict = field(default_factory=dict)      # lambda_<name>: LossConfig's and the plugins' loss_defaults
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
         export: ExportConfig = field(default_factory=ExportConfig)
         near_view_offset: float = 0.05               # eye displacement of the near view (world units)
@@ -91,12 +97,38 @@ class ImageTo3D(BaseSystem):
         self.renderer = find(c.renderer_type, "renderer")(c.renderer, geometry=self.geometry,
                                                           background=self.background, path=f"{path}.renderer")
         self.guidance = None  # built by prepare_guidance: --test and --export never load it
+        self.guidance_state = None   # the guidance's trainable module, when it has one (checkpointed)
+        self._step_context: Optional[StepContext] = None
+        self.loss_weights = self._loss_weights(c.loss, f"{path}.loss")
         if c.reference_background not in REFERENCE_BACKGROUNDS:
             raise ConfigError(f"{path}.reference_background must be one of {', '.join(REFERENCE_BACKGROUNDS)}, "
                               f"got '{c.reference_background}'")
         if c.reference_stride < 1 or (c.reference_stride > 1 and self.latent_field):
             raise ConfigError(f"{path}.reference_stride must be a whole number >= 1 (and 1 for a latent field, "
                               f"whose reference render is decoded as a whole), got {c.reference_stride}")
+
+    def _loss_weights(self, given, path: str) -> dict:
+        """{name: weight or schedule} for every loss term: LossConfig's and those the plugins declare."""
+        guidance = find(self.cfg.guidance_type, "guidance") if self.cfg.guidance_type else None
+        defaults = {f.name[len("lambda_"):]: f.default for f in dataclasses.fields(LossConfig)}
+        for part in (self.geometry, self.background, self.renderer, guidance):
+            for name, value in getattr(part, "loss_defaults", {}).items():
+                defaults.setdefault(name, value)
+        weights = dict(defaults)
+        for key, value in (given or {}).items():
+            key = str(key)
+            name = key[len("lambda_"):] if key.startswith("lambda_") else None
+            if name not in defaults:
+                raise ConfigError(unknown_key_message(path, key, [f"lambda_{n}" for n in defaults]))
+            value = list(value) if isinstance(value, (list, tuple, ListConfig)) else value
+            check_schedule(value, f"{path}.{key}")
+            weights[name] = value
+        return weights
+
+    def plugins(self) -> list:
+        """Every part whose hooks run each step (lift3d/plugin.py), in order."""
+        parts = [self.geometry, self.background, self.renderer, self.guidance]
+        return [p for p in parts if p is not None]
 
     # ------------------------------------------------------------------ setup
 
@@ -135,6 +167,7 @@ class ImageTo3D(BaseSystem):
                             f"system.geometry.n_feature_dims={4 if space == 'latent' else 3}")
         guidance.prepare(reference, context)
         self.guidance = guidance
+        self.guidance_state = guidance.trainable_state()   # a child module: checkpointed with the field
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer
@@ -142,24 +175,25 @@ class ImageTo3D(BaseSystem):
             raise UserError(f"system.optimizer.name '{o.name}' is unknown; use one of {', '.join(OPTIMIZERS)}")
         if not o.lr > 0:
             raise UserError(f"system.optimizer.lr must be a positive number, got {o.lr}")
-        groups = []
-        for module in (self.geometry, self.background, self.renderer):
-            if hasattr(module, "param_groups"):  # modules that want their own learning rates
-                groups += module.param_groups(o.lr)
-            else:
-                params = [p for p in module.parameters(recurse=module is not self.renderer) if p.requires_grad]
-                if params:
-                    groups.append({"params": params, "lr": o.lr})
+        groups = [group for part in self.plugins() for group in part.param_groups(o.lr)]
         kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         return OPTIMIZERS[o.name](groups, **kwargs)
 
     def update_step(self, step: int) -> None:
-        for part in (self.geometry, self.background, self.renderer, self.guidance):
-            if part is not None:
-                part.update_step(step)
+        for part in self.plugins():
+            part.update_step(step)
 
     def on_after_backward(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        self.geometry.after_backward(optimizer, step)
+        ctx = self._step_context or StepContext(step=step)
+        ctx.optimizer = OptimizerOps(optimizer)
+        for part in self.plugins():
+            part.after_backward(ctx)
+        self._step_context = None     # the renders are not kept past the step
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.guidance_state is None:   # --test and --export do not load the guidance or its state
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("guidance_state.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ rendering
 
@@ -219,10 +253,10 @@ class ImageTo3D(BaseSystem):
 
     def training_step(self, views: Cameras, step: int) -> dict:
         """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
-        reference = self.reference
         if self.guidance is not None:
             views = self.guidance.views(views)
-        w = {name[len("lambda_"):]: C(v, step) for name, v in vars(self.cfg.loss).items()}
+        w = {name: C(v, step) for name, v in self.loss_weights.items()}
+        ctx = self._step_context = StepContext(step=step, views=views, weights=w)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
@@ -230,26 +264,22 @@ class ImageTo3D(BaseSystem):
         if w["rgb"] or w["mask"] or w["depth_smooth_ref"]:
             camera, pixels = self._reference_pixels()
             bg = self._reference_background()
-            out = self.render(camera, bg_color=bg)
+            out = ctx.outputs["reference"] = self.render(camera, bg_color=bg)
+            # The targets at the render's size: the mask at the opacity's, the colour at the decoded RGB's.
+            ctx.reference_mask = resize(pixels(self.reference.mask)[None], out["opacity"].shape[1:3], mode="area",
+                                        channels_last=True)
             if w["rgb"]:
                 rgb = self.to_rgb(out["comp_rgb"])
-                # Premultiplied before resizing: the colour of fully transparent pixels is meaningless.
-                alpha = pixels(reference.mask)
-                premultiplied = torch.cat([pixels(reference.rgba[..., :3]) * alpha, alpha], -1)
-                rgba = resize(premultiplied[None], rgb.shape[1:3], mode="area", channels_last=True)
-                on = bg if bg is not None else torch.ones(3, device=rgba.device)
-                target = rgba[..., :3] + on * (1 - rgba[..., 3:])
-                terms["rgb"] = losses.masked_rgb_mse(rgb, target)
+                ctx.reference_rgb = self._reference_target(pixels, rgb.shape[1:3], bg)
+                terms["rgb"] = losses.masked_rgb_mse(rgb, ctx.reference_rgb)
             if w["mask"]:
-                mask = resize(pixels(reference.mask)[None], out["opacity"].shape[1:3], mode="area",
-                              channels_last=True)
-                terms["mask"] = losses.mask_mse(out["opacity"], mask)
+                terms["mask"] = losses.mask_mse(out["opacity"], ctx.reference_mask)
             if w["depth_smooth_ref"]:
                 terms["depth_smooth_ref"] = losses.depth_smoothness(out["depth"])
 
         # 2. Guidance views.
         need_normals = bool(w["normal_smooth"] or w["orient"])
-        out = self.render(views, normals=need_normals)
+        out = ctx.outputs["guidance"] = self.render(views, normals=need_normals)
         if self.guidance is not None and w["guidance"]:
             guided = self.guidance(out, views, step)
             terms["guidance"] = guided.pop("loss_guidance")
@@ -270,11 +300,33 @@ class ImageTo3D(BaseSystem):
         if w["opaque"]:
             terms["opaque"] = losses.opaque(out["opacity"])
 
+        # 3. The plugins' own terms (their losses(ctx) hook), while any of their weights is on.
+        for part in self.plugins():
+            declared = getattr(part, "loss_defaults", {})
+            if not any(w[name] for name in declared):
+                continue
+            for name, value in part.losses(ctx).items():
+                if name not in declared:
+                    raise TypeError(f"{type(part).__name__}.losses returned '{name}', which its loss_defaults "
+                                    f"do not declare ({', '.join(declared) or 'none'})")
+                if w[name]:
+                    terms[name] = value
+
         total = sum(w[name] * value for name, value in terms.items())
         result = {"loss": total}
         result.update({f"loss_{name}": value.detach() for name, value in terms.items()})
         result.update(logs)
         return result
+
+    def _reference_target(self, pixels, size, bg) -> torch.Tensor:
+        """(1, H, W, 3): the input composited on the reference render's background ``bg`` (None: white) at
+        ``size``, premultiplied before resizing (the colour of fully transparent pixels is meaningless)."""
+        reference = self.reference
+        alpha = pixels(reference.mask)
+        premultiplied = torch.cat([pixels(reference.rgba[..., :3]) * alpha, alpha], -1)
+        rgba = resize(premultiplied[None], size, mode="area", channels_last=True)
+        on = bg if bg is not None else torch.ones(3, device=rgba.device)
+        return rgba[..., :3] + on * (1 - rgba[..., 3:])
 
     # ------------------------------------------------------------------ what the runner shows and writes
 
