@@ -19,6 +19,7 @@ Wall and process-CPU seconds are both printed; on a shared machine compare CPU s
 compare two versions alternately.
 
     python benchmarks/bench_step_parts.py                          # the main job (zero123-sjc-cpu), all steps
+    python benchmarks/bench_step_parts.py --config zero123-gs-cpu  # the same on 3D Gaussians
     python benchmarks/bench_step_parts.py --steps 100 trainer.max_steps=100
     python benchmarks/bench_step_parts.py --steps 20 --no-after resume=OUT/ckpts/last.ckpt   # from its step
 (trailing key=value items override the config, as on the launch.py command line).
@@ -53,7 +54,8 @@ def split_renders(system, totals: dict, pairs: list) -> None:
             return out
         cut = {}
         for key, value in out.items():
-            if torch.is_tensor(value) and value.requires_grad:
+            # means2d stays in the graph: a Gaussian geometry reads its retained gradient in after_backward
+            if torch.is_tensor(value) and value.requires_grad and key != "means2d":
                 leaf = value.detach().requires_grad_(True)
                 pairs.append((value, leaf))
                 cut[key] = leaf
@@ -116,7 +118,7 @@ def main(argv=None) -> dict:
         out = system.training_step(views, step)
         add(totals, "forward", start)
         phase["forward"] = False
-        evaluated.append(system.renderer.stats.get("evaluated_fraction", 1.0))
+        evaluated.append(getattr(system.renderer, "stats", {}).get("evaluated_fraction", 1.0))
         optimizer.zero_grad(set_to_none=True)
         start = clock()
         out["loss"].backward()
@@ -128,7 +130,7 @@ def main(argv=None) -> dict:
         start = clock()
         system.on_after_backward(optimizer, step)
         optimizer.step()
-        add(totals, "optimizer", start)
+        add(totals, "optimizer (and after_backward)", start)
         exp.step = step + 1
         if trainer.val_every and exp.step % trainer.val_every == 0:
             start = clock()
@@ -154,14 +156,15 @@ def main(argv=None) -> dict:
     other = [fwd[i] - totals["render forward"][i] - totals["prior forward"][i] for i in (0, 1)]
     rows = [("render forward", totals["render forward"]), ("prior forward (VAE, UNet)", totals["prior forward"]),
             ("other forward (losses, poses)", other), ("prior + losses backward", totals["prior + losses backward"]),
-            ("render backward", totals["render backward"]), ("optimizer step", totals["optimizer"]),
+            ("render backward", totals["render backward"]), ("optimizer step, after_backward", totals["optimizer (and after_backward)"]),
             ("update_step (occupancy grid)", totals["update_step (occupancy)"]),
             ("validation strips", totals["validation strips"])]
     train = [sum(r[1][i] for r in rows) for i in (0, 1)]
-    r = system.renderer.cfg
+    drawn = (f"samples/ray {system.renderer.cfg.num_samples_per_ray}, mean evaluated fraction "
+             f"{sum(evaluated) / max(len(evaluated), 1):.3f}" if hasattr(system.renderer.cfg, "num_samples_per_ray")
+             else f"{getattr(system.geometry, 'n_points', '?')} Gaussians at the end")
     print(f"config {args.config} {' '.join(args.overrides)}  threads {torch.get_num_threads()}  steps {first}..{first + steps - 1}  "
-          f"views/step {len(views)} at {views.height}x{views.width}, samples/ray {r.num_samples_per_ray}, "
-          f"mean evaluated fraction {sum(evaluated) / max(len(evaluated), 1):.3f}")
+          f"views/step {len(views)} at {views.height}x{views.width}, {drawn}")
     print(f"  {'training, per step':34s} {'wall ms':>9s} {'%':>6s} {'CPU ms':>9s} {'%':>6s}")
     for name, (w, c) in rows + [("step total", train)]:
         print(f"  {name:34s} {1e3 * w / steps:9.1f} {100 * w / train[0]:6.1f} {1e3 * c / steps:9.1f} "
