@@ -6,14 +6,16 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
 
 - ``image_size``, ``latent_factor``, ``latent_channels``: the native resolution and the latent grid
   (``image_size // latent_factor`` pixels a side);
-- ``alphas_cumprod`` (T,) and ``num_train_timesteps``: its DDPM noise schedule;
+- ``alphas_cumprod`` (T,) and ``num_train_timesteps``: its DDPM noise schedule; ``dtype``: the dtype of
+  its latents (float16 on a GPU when configured so);
 - ``encode(images, noise=None)`` (B,3,S,S) in [0, 1] -> scaled latents, differentiable; a VAE prior
   samples its posterior with ``noise`` (B, C, h, w) when given, else draws it; ``decode(latents)`` back;
 - ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
   noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
   also look at the render);
 - optionally ``views(cameras)``, the guidance views it wants instead of the data module's random ones,
-  and ``validation_images()``, extra pictures for the validation strip.
+  and ``validation_images()``, extra pictures for the validation strip; and ``memory_estimate(plan)``
+  (lift3d/plugin.py), its weights and activations for the pre-flight check, without loading anything.
 """
 
 from __future__ import annotations
