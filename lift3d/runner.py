@@ -210,11 +210,13 @@ class Experiment:
         t = self.exp.trainer
         self.data.reference_view()  # bad input fails here, before a model loads
         check_memory(self)          # so does a run that would not fit in memory (lift3d/preflight.py)
-        if self.exp.resume:
+        if self.exp.resume:   # the weights first: a checkpoint of another model fails before the prior loads
+            self.restore(self.exp.resume)
+        self.system.setup(self.data, self.context(), train=True)
+        if self.exp.resume:   # again, with what setup built (a guidance's trainable state) and the optimiser
             self.restore(self.exp.resume, with_optimizer=True)
         else:
             self.optimizer = self.system.configure_optimizer()
-        self.system.setup(self.data, self.context(), train=True)
         io.write_text(self.path("configs", "parsed.yaml"), OmegaConf.to_yaml(self.raw_cfg))
         self.system.train()
         losses = LossLog(self.path("save", "losses.csv"), resume_step=self.step if self.exp.resume else None,

@@ -151,3 +151,47 @@ def test_a_plugin_adds_a_loss_in_one_function(tmp_path, image):
     assert "loss_centred" not in off.system.training_step(off.data.sample_views(), step=0)
     with pytest.raises(ConfigError, match="lambda_centered.*did you mean lambda_centred"):
         Experiment(load_config(str(path), args + ["system.loss.lambda_centered=1"]))
+
+
+from lift3d.guidance.distillation import ScoreDistillation  # noqa: E402
+
+
+class GuidanceWithState(ScoreDistillation):
+    """A guidance that trains a module of its own (as VSD trains a LoRA) and adds a loss on it."""
+
+    loss_defaults = {"state_decay": 1.0}
+
+    def prepare(self, reference, context):
+        super().prepare(reference, context)
+        self.state = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(self.state.weight, 1.0)
+
+    def trainable_state(self):
+        return self.state
+
+    def losses(self, ctx):
+        return {"state_decay": (self.state.weight ** 2).sum()}
+
+
+register("state-test-guidance", "guidance")(GuidanceWithState)
+
+
+def test_trainable_guidance_state_is_optimised_checkpointed_and_resumed(tmp_path, image):
+    path = tmp_path / "state.yaml"
+    path.write_text(TINY.replace("METHOD", "sds").replace("guidance_type: score-distillation",
+                                                          "guidance_type: state-test-guidance")
+                    .replace("ckpt_every: 0", "ckpt_every: 3"))
+    args = [f"image={image}", f"exp_root_dir={tmp_path / 'out'}"]
+    exp = Experiment(load_config(str(path), args))
+    exp.train()
+    weight = exp.system.guidance.state.weight
+    assert any(p is weight for g in exp.optimizer.param_groups for p in g["params"])
+    assert (weight < 1.0).all()                       # the loss on it was minimised
+    saved = load_checkpoint(exp.ckpt_path)
+    assert torch.equal(saved["system"]["guidance_state.weight"], weight.detach())
+    resumed = Experiment(load_config(str(path), args + [f"resume={exp.ckpt_path}", "trainer.max_steps=4"]))
+    resumed.train()
+    assert resumed.step == 4 and (resumed.system.guidance.state.weight < weight).all()   # restored, then trained on
+    test_only = Experiment(load_config(str(path), args + [f"resume={exp.ckpt_path}"]))
+    test_only.restore(exp.ckpt_path)                  # --test and --export: no guidance, its state is skipped
+    assert test_only.system.guidance is None

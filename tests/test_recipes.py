@@ -104,6 +104,17 @@ def test_parsed_config_reloads_as_it_ran(tmp_path, caplog):
     assert again.applied.recipe == "recipes/zero123-mini.yaml" and not warnings(caplog)
 
 
+def test_dreamgaussian_without_weights_runs_the_gaussian_mini_recipe(caplog):
+    cfg = load_config("dreamgaussian-zero123", [f"image={CAR}", "data.default_elevation_deg=10"])
+    assert cfg.name == "dreamgaussian-zero123" and cfg.applied.recipe == "zero123-gs-cpu.yaml"
+    assert cfg.system.geometry_type == "gaussians" and cfg.trainer.max_steps == 200
+    assert cfg.system.guidance.pretrained_model_name_or_path == MINI
+    assert any("running zero123-gs-cpu.yaml instead of dreamgaussian-zero123" in w for w in warnings(caplog))
+    given = load_config("dreamgaussian-zero123", [f"image={CAR}", f"system.guidance.pretrained_model_name_or_path={MINI}"])
+    assert given.applied.weights == "given" and given.trainer.max_steps == 500
+    assert given.system.geometry.num_points == 5000 and list(given.data.height) == [128, 256, 512]
+
+
 def test_memory_verdict_names_the_setting_to_lower():
     from lift3d.preflight import Estimate, verdict
 

@@ -14,26 +14,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(ROOT, "tests", "data", "step_losses.json")
 STEPS = 5
-CONFIGS = ("zero123-sjc-cpu", "zero123-sjc", "zero123-sds", "stable-zero123", "cascade-zero123", "oracle")
+CONFIGS = ("zero123-sjc-cpu", "zero123-sjc", "zero123-sds", "stable-zero123", "cascade-zero123", "oracle",
+           "zero123-gs-cpu", "dreamgaussian-zero123")
 
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.val_every=0", "trainer.ckpt_every=0", "trainer.device=cpu",
           "trainer.num_threads=1", "use_timestamp=false", "image=examples/mushroom_rgba.png",
           "data.reference_height=64", "data.reference_width=64", "data.n_val_views=1", "data.n_test_views=1",
-          "data.eval_height=16", "data.eval_width=16", "system.renderer.num_samples_per_ray=16"]
+          "data.eval_height=16", "data.eval_width=16"]
+VOLUME = ["system.renderer.num_samples_per_ray=16"]
+# 3D Gaussians: 200 of them, densified at steps 2 and 4 (the record covers clone/split/prune).
+GAUSSIANS = ["system.geometry.num_points=200", "system.geometry.densify_from=2", "system.geometry.densify_every=2"]
 SMALL = {
     # RGB fields scored by a 64-px tiny model: 16 px random views.
-    "zero123-sjc-cpu": ["data.height=16", "data.width=16", "system.geometry.grid_size=16"],
+    "zero123-sjc-cpu": VOLUME + ["data.height=16", "data.width=16", "system.geometry.grid_size=16"],
     # 3drec: a latent field rendered at the tiny model's 8x8 latent size (reference 64 px -> 8x8).
-    "zero123-sjc": ["data.height=8", "data.width=8", "system.geometry.grid_size=16"],
+    "zero123-sjc": VOLUME + ["data.height=8", "data.width=8", "system.geometry.grid_size=16"],
     # 3drec scored by the refiner (cascade-zero123.yaml is the published-size recipe since issue 13).
-    "cascade-zero123": ["data.height=8", "data.width=8", "system.geometry.grid_size=16",
+    "cascade-zero123": VOLUME + ["data.height=8", "data.width=8", "system.geometry.grid_size=16",
                         "system.guidance.prompt_steps=2", "system.guidance.prompt_cache_dir=none"],
     # threestudio's milestones, shrunk: 8 -> 16 -> 16 px at steps 2 and 4.
-    "zero123-sds": ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]",
+    "zero123-sds": VOLUME + ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]",
                     "data.batch_size=[2,1,1]", "system.geometry.n_levels=4", "system.geometry.log2_hashmap_size=12"],
-    "stable-zero123": ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]",
+    "stable-zero123": VOLUME + ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]",
                        "data.batch_size=[2,1,1]", "system.geometry.n_levels=4", "system.geometry.log2_hashmap_size=12"],
-    "oracle": ["data.height=16", "data.width=16", "system.geometry.grid_size=16", "gt=examples/objects/mushroom/meshes/model.obj"],
+    "oracle": VOLUME + ["data.height=16", "data.width=16", "system.geometry.grid_size=16", "gt=examples/objects/mushroom/meshes/model.obj"],
+    "zero123-gs-cpu": ["data.height=16", "data.width=16"] + GAUSSIANS,
+    # DreamGaussian's ramp 128 -> 256 -> 512, shrunk to 8 -> 16 -> 16 px at steps 2 and 4.
+    "dreamgaussian-zero123": ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]"]
+    + GAUSSIANS,
 }
 
 

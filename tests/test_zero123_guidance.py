@@ -228,7 +228,7 @@ def test_default_model_missing(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["zero123-sjc.yaml", "zero123-sds.yaml", "stable-zero123.yaml",
-                                  "zero123-sjc-cpu.yaml"])
+                                  "zero123-sjc-cpu.yaml", "dreamgaussian-zero123.yaml"])
 def test_guidance_blocks_swap_between_sjc_and_sds(name):
     from lift3d.config import _load_yaml
 
