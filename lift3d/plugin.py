@@ -29,7 +29,7 @@ owns that module, so it is checkpointed and its ``param_groups`` join the optimi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -99,13 +99,16 @@ class StepContext:
     reference loss is on; ``guidance``: the random views); ``views``: the guidance views' cameras;
     ``reference_rgb`` / ``reference_mask``: the input composited on this step's reference background and
     its mask, (1, H, W, 3) / (1, H, W, 1) at the reference render's size (None without a reference
-    render); ``weights``: every loss weight at this step; ``optimizer``: set for ``after_backward``."""
+    render); ``weights``: every loss weight at this step; ``render``: the system's renderer
+    (``render(cameras, bg_color=None, normals=False)``), for plugins that score views of their own;
+    ``optimizer``: set for ``after_backward``."""
     step: int
     outputs: dict = field(default_factory=dict)
     views: Any = None
     reference_rgb: Optional[torch.Tensor] = None
     reference_mask: Optional[torch.Tensor] = None
     weights: dict = field(default_factory=dict)
+    render: Optional[Callable] = None
     optimizer: Optional[OptimizerOps] = None
 
 

@@ -36,6 +36,7 @@ PLUGIN_MODULES = (
     "lift3d.guidance.distillation",
     "lift3d.guidance.presets",
     "lift3d.guidance.oracle",
+    "lift3d.guidance.multiview",
     "lift3d.systems.image_to_3d",
 )
 ENTRY_POINT_GROUP = "lift3d.plugins"

@@ -55,3 +55,8 @@ class BaseGuidance(Plugin):
     def validation_images(self) -> list:
         """Extra (H, W, 3) images shown after the validation renders."""
         return []
+
+    def summary_rows(self) -> list:
+        """Extra rows of ``(label, (H, W, 3) image)`` pairs for ``save/summary.png`` (a label with None: a
+        row title)."""
+        return []

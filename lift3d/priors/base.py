@@ -13,7 +13,8 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
 - ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
   noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
   also look at the render);
-- optionally ``views(cameras)``, the guidance views it wants instead of the data module's random ones,
+- optionally ``generate(cameras, seeds, ...)``, sampled views for generate-then-reconstruct
+  (guidance ``multiview``); ``views(cameras)``, the guidance views it wants instead of the data module's random ones,
   and ``validation_images()``, extra pictures for the validation strip; and ``memory_estimate(plan)``
   (lift3d/plugin.py), its weights and activations for the pre-flight check, without loading anything.
 """
@@ -74,6 +75,13 @@ class ViewConditionedPrior(Plugin):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optional
+
+    def generate(self, cameras, seeds, steps: int = 50, guidance_scale: float = 3.0, eta: float = 1.0,
+                 init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
+        """Sampled views (B, 3, S, S) in [0, 1] at ``cameras`` (generate-then-reconstruct); SDEdit from
+        ``init`` images at ``strength`` when given."""
+        raise NotImplementedError(f"prior {type(self).__name__} cannot generate views; use guidance "
+                                  "score-distillation with it")
 
     def views(self, cameras):
         """The guidance views to render this step; by default the data module's random ones."""

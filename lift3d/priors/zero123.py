@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from lift3d.cameras import Cameras, zero123_pose
+from lift3d.config import domain
 from lift3d.errors import ConfigError, UserError
 from lift3d.priors.base import ViewConditionedPrior
 from lift3d.registry import register
@@ -55,7 +56,7 @@ class Zero123Prior(ViewConditionedPrior):
         pose_variant: str = "zero123"          # zero123 | stable (Stable-Zero123: condition polar angle in slot 4)
         # Views per UNet pass (each a CFG pair): the pass's activations grow with it (~0.1 GiB a view at
         # 32^2 latents on the full model). 0: the whole batch in one pass.
-        unet_chunk: int = 4
+        unet_chunk: int = domain(4, ge=0)
 
     def __init__(self, cfg: Any = None, path: str = "system.guidance.prior"):
         super().__init__(cfg, path)
@@ -123,12 +124,13 @@ class Zero123Prior(ViewConditionedPrior):
         (all published Zero123 models') for a .ckpt or a hub id."""
         from lift3d.preflight import SD_CONFIGS
 
-        path = os.path.join(os.path.expanduser(self.weight_paths()[0]), part, "config.json")
-        if os.path.isfile(path):
-            import json
+        from lift3d.utils.inputs import read_json_object
 
-            with open(path) as f:
-                return json.load(f)
+        folder = os.path.expanduser(self.weight_paths()[0])
+        path = os.path.join(folder, part, "config.json")
+        if os.path.isdir(folder) and os.path.lexists(path):
+            return read_json_object(path, f"{part} config", f"the model folder {folder} is damaged: re-download or "
+                                    "re-convert it", keys=("block_out_channels",))
         return SD_CONFIGS[part]
 
     def memory_estimate(self, plan) -> dict:
@@ -186,6 +188,24 @@ class Zero123Prior(ViewConditionedPrior):
     def noise_chunk(self, noisy, t, cameras, guidance_scale, render) -> torch.Tensor:
         """One UNet pass: :meth:`predict_noise` for a few views."""
         return self.model.predict_noise(noisy, t, self.condition, self.poses(cameras), guidance_scale)
+
+
+    @torch.no_grad()
+    def generate(self, cameras: Cameras, seeds, steps: int = 50, guidance_scale: float = 3.0, eta: float = 1.0,
+                 init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
+        """Novel views (B, 3, S, S) in [0, 1] of the reference at ``cameras``, one DDIM run per view with its
+        own seed: view i equals ``lift3d nvs --seed seeds[i] --n-samples 1`` at its relative pose. With
+        ``init`` (B, 3, S, S) images, SDEdit from them at ``strength``."""
+        from lift3d.zero123.sampling import ddim
+
+        latent_hw = tuple(self.condition.latent.shape[-2:])
+        poses, out = self.poses(cameras), []
+        for i, seed in enumerate(seeds):
+            eps = lambda x, t, p=poses[i:i + 1]: self.model.predict_noise(x, t, self.condition, p, guidance_scale)  # noqa: E731
+            start = None if init is None else init[i:i + 1]
+            out.append(ddim(self.model, eps, 1, latent_hw, steps, eta, torch.Generator().manual_seed(int(seed)),
+                            init=start, strength=strength).float().cpu())
+        return torch.cat(out)
 
 
 def _views(render: Optional[dict], start: int, stop: int, batch: int) -> Optional[dict]:

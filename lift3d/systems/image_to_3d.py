@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from omegaconf import ListConfig
 
 from lift3d.cameras import Cameras, look_at
-from lift3d.config import C, check_schedule, schedulable, unknown_key_message
+from lift3d.config import (LOSS_WEIGHT, C, check_schedule, domain, schedulable, schedule_values,
+                           unknown_key_message)
 from lift3d.errors import ConfigError, UserError
-from lift3d.export.mesh import ExportConfig
+from lift3d.export.mesh import ExportConfig, check_export_config
 from lift3d.guidance.base import GuidanceContext
 from lift3d.plugin import OptimizerOps, StepContext
 from lift3d.registry import find, register
@@ -37,25 +38,25 @@ from lift3d.utils.images import resize
 @dataclass
 class LossConfig:
     """The system's own loss weights (``system.loss``; plugins declare more in ``loss_defaults``)."""
-    lambda_guidance: Any = schedulable(1.0)
-    lambda_rgb: Any = schedulable(0.0)
-    lambda_mask: Any = schedulable(0.0)
-    lambda_depth_smooth_ref: Any = schedulable(0.0)
-    lambda_depth_smooth: Any = schedulable(0.0)
-    lambda_near_view: Any = schedulable(0.0)
-    lambda_normal_smooth: Any = schedulable(0.0)
-    lambda_orient: Any = schedulable(0.0)
-    lambda_sparsity: Any = schedulable(0.0)
-    lambda_opaque: Any = schedulable(0.0)
+    lambda_guidance: Any = schedulable(1.0, ge=0)
+    lambda_rgb: Any = schedulable(0.0, ge=0)
+    lambda_mask: Any = schedulable(0.0, ge=0)
+    lambda_depth_smooth_ref: Any = schedulable(0.0, ge=0)
+    lambda_depth_smooth: Any = schedulable(0.0, ge=0)
+    lambda_near_view: Any = schedulable(0.0, ge=0)
+    lambda_normal_smooth: Any = schedulable(0.0, ge=0)
+    lambda_orient: Any = schedulable(0.0, ge=0)
+    lambda_sparsity: Any = schedulable(0.0, ge=0)
+    lambda_opaque: Any = schedulable(0.0, ge=0)
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adam"                      # adam | adamw | adamax
-    lr: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.99])
-    eps: float = 1e-15
-    weight_decay: float = 0.0
+    lr: float = domain(0.01, gt=0)
+    betas: list = domain([0.9, 0.99], ge=0, lt=1, length=2)
+    eps: float = domain(1e-15, ge=0)
+    weight_decay: float = domain(0.0, ge=0)
 
 
 REFERENCE_BACKGROUNDS = ("random", "white")
@@ -77,10 +78,10 @@ class ImageTo3D(BaseSystem):
         loss: dict = field(default_factory=dict)      # lambda_<name>: LossConfig's and the plugins' loss_defaults
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
         export: ExportConfig = field(default_factory=ExportConfig)
-        near_view_offset: float = 0.05               # eye displacement of the near view (world units)
+        near_view_offset: float = domain(0.05, ge=0)  # eye displacement of the near view (world units)
         # Render the reference view on every s-th pixel row and column, at a random phase each step:
         # 1/s^2 of its rays per step, every pixel once per s^2 steps on average. (RGB fields only.)
-        reference_stride: int = 1
+        reference_stride: int = domain(1, ge=1)
         # The reference view's background while training: "white" is the input as shown; "random" draws one colour
         # per step and composites the input on it, so the field cannot make a white part of the object out of
         # empty space in front of a white background. With the mini prior random costs geometry (bundled set,
@@ -100,6 +101,7 @@ class ImageTo3D(BaseSystem):
         self.guidance_state = None   # the guidance's trainable module, when it has one (checkpointed)
         self._step_context: Optional[StepContext] = None
         self.loss_weights = self._loss_weights(c.loss, f"{path}.loss")
+        check_export_config(c.export)      # its choices fail now, not after training
         if c.reference_background not in REFERENCE_BACKGROUNDS:
             raise ConfigError(f"{path}.reference_background must be one of {', '.join(REFERENCE_BACKGROUNDS)}, "
                               f"got '{c.reference_background}'")
@@ -122,6 +124,8 @@ class ImageTo3D(BaseSystem):
                 raise ConfigError(unknown_key_message(path, key, [f"lambda_{n}" for n in defaults]))
             value = list(value) if isinstance(value, (list, tuple, ListConfig)) else value
             check_schedule(value, f"{path}.{key}")
+            if any(LOSS_WEIGHT.problem(v) for v in schedule_values(value)):
+                raise ConfigError(f"{path}.{key} must be {LOSS_WEIGHT.describe()} (a weight), got {value}")
             weights[name] = value
         return weights
 
@@ -256,7 +260,7 @@ class ImageTo3D(BaseSystem):
         if self.guidance is not None:
             views = self.guidance.views(views)
         w = {name: C(v, step) for name, v in self.loss_weights.items()}
-        ctx = self._step_context = StepContext(step=step, views=views, weights=w)
+        ctx = self._step_context = StepContext(step=step, views=views, weights=w, render=self.render)
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
@@ -383,7 +387,8 @@ class ImageTo3D(BaseSystem):
         rows[0][0] = ("input", _fit(self.reference.rgb, size))
         for name, images in zip(("mesh textured", "mesh shaded"), mesh):
             rows.append([(name, None)] + [("", _fit(im, size)) for im in images])
-        return rows
+        extra = self.guidance.summary_rows() if self.guidance is not None else []
+        return rows + [[(label, None if im is None else _fit(im, size)) for label, im in row] for row in extra]
 
     def export(self, out_dir: str) -> dict:
         from lift3d.export.mesh import export_mesh

@@ -34,16 +34,24 @@ def sample(model, condition, pose: torch.Tensor, steps: int = 50, scale: float =
 
 @torch.no_grad()
 def ddim(model, eps_fn, n: int, latent_hw: tuple, steps: int = 50, eta: float = 1.0,
-         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+         generator: Optional[torch.Generator] = None, init: Optional[torch.Tensor] = None,
+         strength: float = 1.0) -> torch.Tensor:
     """DDIM with any noise predictor ``eps_fn(latents, t)`` (Zero123's or Cascade's); decodes with
-    ``model``'s VAE. Returns (n, 3, H, W) in [0, 1]."""
+    ``model``'s VAE. Returns (n, 3, H, W) in [0, 1]. With ``init`` (n, 3, H, W) images in [0, 1], SDEdit:
+    their latents noised to the ``strength`` share of the schedule and denoised from there."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps)
     latents = torch.randn((n, 4, *latent_hw), generator=generator).to(model.device, model.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    timesteps = scheduler.timesteps
+    if init is None:
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        timesteps = timesteps[min(int(round(steps * (1 - strength))), steps - 1):]
+        clean = model.encode(init.to(model.device, model.dtype), sample=False)
+        latents = scheduler.add_noise(clean, latents, timesteps[:1])
+    for t in timesteps:
         eps = eps_fn(latents, t)
         latents = scheduler.step(eps.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return model.decode(latents).clamp(0, 1)

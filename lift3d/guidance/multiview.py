@@ -1,0 +1,166 @@
+"""``multiview``: generate-then-reconstruct over any prior that can sample views.
+
+The prior generates K views of the object once (``prior.generate``: DDIM, one seed per view, the
+configured CFG scale) at cameras on rings around the input: ``rings`` lists [elevation offset from the
+input's, number of views], spread evenly in azimuth from the input's (the input's own view is left out).
+They are cached in the trial folder (``save/generated/``: one PNG per view and ``generated.json`` with the
+cameras and settings) and reused on resume when the settings match.
+
+The field fits them through the ``losses(ctx)`` hook: each step ``views_per_step`` of them are rendered on
+white and compared with the generated images (``loss_views_rgb``) and with their silhouettes, the pixels
+that differ from the white background (``loss_views_mask``), weighted by ``system.loss.lambda_views_rgb`` /
+``lambda_views_mask`` (by default 10x under the mini recipe's reference view). With ``method_type`` (sds,
+sjc), score distillation keeps running on the random views at ``lambda_guidance``; null (the default) turns it off.
+With ``refresh_every: N`` the views are regenerated every N steps from the field's renders of them by SDEdit
+at ``refresh_strength`` (a schedule allowed), as DreamGaussian's second stage refines its texture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lift3d.cameras import Cameras
+from lift3d.config import C, schedulable
+from lift3d.errors import ConfigError, UserError
+from lift3d.guidance.base import GuidanceContext
+from lift3d.guidance.distillation import ScoreDistillation
+from lift3d.registry import register
+from lift3d.utils import io
+from lift3d.utils.images import resize
+
+BACKGROUND_TOLERANCE = 0.03    # a generated pixel this close to white in every channel is background
+
+
+def ring_cameras(reference: Cameras, rings: list) -> Cameras:
+    """Cameras on ``rings`` ([elevation offset, count], ...) around the reference view's centre, at its
+    distance and field of view; each ring evenly in azimuth from the reference's, without the reference."""
+    elevation, azimuth, distance = (float(v) for v in reference.spherical[0])
+    views = []
+    for offset, count in rings:
+        for k in range(int(count)):
+            if offset == 0 and k == 0:
+                continue
+            views.append(Cameras.from_spherical(elevation + offset, azimuth + 360.0 * k / count, distance,
+                                                float(reference.fovy_deg[0]), reference.height, reference.width))
+    return Cameras.cat(views)
+
+
+@register("multiview", "guidance")
+class MultiviewGuidance(ScoreDistillation):
+    @dataclass
+    class Config(ScoreDistillation.Config):
+        method_type: Optional[str] = None      # null | sds | sjc: score distillation beside the views
+        rings: list = field(default_factory=lambda: [[0.0, 8], [30.0, 4], [-20.0, 4]])
+        sample_steps: int = 50                 # DDIM steps of each generated view
+        sample_scale: float = 3.0              # their classifier-free guidance scale
+        sample_eta: float = 1.0
+        seed: int = 0                          # view i is drawn with seed + i
+        views_per_step: int = 2
+        render_size: int = 0                   # pixels a side of the fitted renders; 0: the prior's image size
+        refresh_every: int = 0                 # regenerate the views from the field's renders (SDEdit); 0: never
+        refresh_strength: Any = schedulable(0.5)
+
+    loss_defaults = {"views_rgb": 100.0, "views_mask": 100.0}
+
+    def build(self, method_type, method_cfg, method_path, prior_type, prior_cfg, prior_path, path) -> None:
+        c = self.cfg
+        if not c.rings or any(len(r) != 2 or int(r[1]) < 1 for r in c.rings):
+            raise ConfigError(f"{path}.rings must be a list of [elevation offset, number of views >= 1], got {c.rings}")
+        for key in ("sample_steps", "views_per_step"):
+            if getattr(c, key) < 1:
+                raise ConfigError(f"{path}.{key} must be at least 1, got {getattr(c, key)}")
+        if c.refresh_every < 0 or c.render_size < 0:
+            raise ConfigError(f"{path}.refresh_every and {path}.render_size must be >= 0")
+        super().build(method_type or "sds", method_cfg, method_path, prior_type, prior_cfg, prior_path, path)
+        self.distils = method_type is not None
+
+    # ------------------------------------------------------------------ the generated views
+
+    def prepare(self, reference, context: GuidanceContext) -> None:
+        super().prepare(reference, context)
+        self.cameras = ring_cameras(reference.camera, self.cfg.rings)
+        self.folder = os.path.join(context.trial_dir, "save", "generated") if context.trial_dir else None
+        self.images = self._cached() if self.folder else None
+        if self.images is None:
+            seeds = [self.cfg.seed + i for i in range(len(self.cameras))]
+            self.images = self.prior.generate(self.cameras.to(context.device), seeds, self.cfg.sample_steps,
+                                              self.cfg.sample_scale, self.cfg.sample_eta)
+            self._save(step=0)
+
+    def _meta(self) -> dict:
+        c = self.cfg
+        return {"rings": [list(r) for r in c.rings], "sample_steps": c.sample_steps, "sample_scale": c.sample_scale,
+                "sample_eta": c.sample_eta, "seed": c.seed, "prior": dict(self.cfg.prior or {}),
+                "cameras": self.cameras.spherical.tolist()}
+
+    def _cached(self) -> Optional[torch.Tensor]:
+        """The views of an earlier run of this trial with the same settings (a resume), else None."""
+        from lift3d.utils.images import load_image
+
+        record = io.read_json_if_any(os.path.join(self.folder, "generated.json"))
+        if not record or record.get("meta") != json.loads(json.dumps(self._meta())):
+            return None
+        paths = [os.path.join(self.folder, f"view_{i:02d}.png") for i in range(len(self.cameras))]
+        if not all(os.path.isfile(p) for p in paths):
+            return None
+        return torch.cat([load_image(p) for p in paths])
+
+    def _save(self, step: int) -> None:
+        if not self.folder:
+            return
+        for i, image in enumerate(self.images):
+            io.save_image(os.path.join(self.folder, f"view_{i:02d}.png"), image.permute(1, 2, 0))
+        io.write_json(os.path.join(self.folder, "generated.json"), {"meta": self._meta(), "step": step})
+
+    # ------------------------------------------------------------------ hooks
+
+    def __call__(self, render: dict, cameras, step: int) -> dict:
+        if self.distils:
+            return super().__call__(render, cameras, step)
+        return {"loss_guidance": render["comp_rgb"].sum() * 0.0}
+
+    def losses(self, ctx) -> dict:
+        c = self.cfg
+        if c.refresh_every and ctx.step > 0 and ctx.step % c.refresh_every == 0:
+            self.refresh(ctx)
+        pick = torch.randperm(len(self.cameras))[:c.views_per_step]
+        size = c.render_size or self.images.shape[-1]
+        out = ctx.render(self.cameras[pick].with_size(size, size), bg_color=torch.ones(3))
+        if out["comp_rgb"].shape[-1] != 3:
+            raise UserError("guidance multiview fits RGB renders; a latent field (n_feature_dims=4) cannot use it")
+        target = resize(self.images[pick], size).permute(0, 2, 3, 1).to(out["comp_rgb"])
+        mask = ((1 - target).amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).to(target)
+        return {"views_rgb": F.mse_loss(out["comp_rgb"], target), "views_mask": F.mse_loss(out["opacity"], mask)}
+
+    @torch.no_grad()
+    def refresh(self, ctx) -> None:
+        """SDEdit: the generated views again, from the field's renders of them."""
+        size = self.images.shape[-1]
+        renders = ctx.render(self.cameras.with_size(size, size), bg_color=torch.ones(3))["comp_rgb"]
+        seeds = [self.cfg.seed + ctx.step + i for i in range(len(self.cameras))]
+        init = renders.permute(0, 3, 1, 2).clamp(0, 1)
+        self.images = self.prior.generate(self.cameras.to(init.device), seeds, self.cfg.sample_steps,
+                                          self.cfg.sample_scale, self.cfg.sample_eta, init=init,
+                                          strength=C(self.cfg.refresh_strength, ctx.step))
+        self._save(step=ctx.step)
+
+    def validation_images(self) -> list:
+        return list(self.images.permute(0, 2, 3, 1)) + super().validation_images()
+
+    def summary_rows(self) -> list:
+        """The generated views, a ring per row, each titled with its camera."""
+        images, spherical = self.images.permute(0, 2, 3, 1), self.cameras.spherical
+        rows, start = [], 0
+        for offset, count in self.cfg.rings:
+            n = int(count) - (1 if offset == 0 else 0)
+            row = [(f"generated {offset:+g}°", None)]
+            row += [(f"el {spherical[i, 0]:.0f} az {spherical[i, 1] % 360:.0f}", images[i]) for i in range(start, start + n)]
+            rows.append(row)
+            start += n
+        return rows
