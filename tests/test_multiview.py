@@ -46,7 +46,11 @@ def test_generated_views_are_lift3d_nvs_views(tmp_path, model_dir, image):
     guidance = MultiviewGuidance({"prior": {"pretrained_model_name_or_path": model_dir}, "rings": [[0, 2], [30, 1]],
                                   "sample_steps": 3, "seed": 7}, path="system.guidance")
     reference = reference_of(image, size)
-    guidance.prepare(reference, GuidanceContext(device=torch.device("cpu"), trial_dir=str(tmp_path / "trial")))
+    gt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "objects", "mushroom")
+    guidance.prepare(reference, GuidanceContext(device=torch.device("cpu"), trial_dir=str(tmp_path / "trial"),
+                                                gt_mesh=gt))
+    record = __import__("json").load(open(tmp_path / "trial" / "save" / "generated" / "generated.json"))
+    assert set(record["against_gt"]) == {"psnr_image", "ssim", "silhouette_iou"} and record["against_gt"]["psnr_image"] > 0
     cams = guidance.cameras.spherical
     assert torch.allclose(cams[:, 0], torch.tensor([20.0, 50.0]), atol=1e-4)      # the input's own view left out
     assert torch.allclose(cams[:, 1] % 360, torch.tensor([180.0, 0.0]), atol=1e-4)

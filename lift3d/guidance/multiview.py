@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lift3d.cameras import Cameras
-from lift3d.config import C, schedulable
+from lift3d.config import C, domain, schedulable
 from lift3d.errors import ConfigError, UserError
 from lift3d.guidance.base import GuidanceContext
 from lift3d.guidance.distillation import ScoreDistillation
@@ -57,14 +57,14 @@ class MultiviewGuidance(ScoreDistillation):
     class Config(ScoreDistillation.Config):
         method_type: Optional[str] = None      # null | sds | sjc: score distillation beside the views
         rings: list = field(default_factory=lambda: [[0.0, 8], [30.0, 4], [-20.0, 4]])
-        sample_steps: int = 50                 # DDIM steps of each generated view
-        sample_scale: float = 3.0              # their classifier-free guidance scale
-        sample_eta: float = 1.0
-        seed: int = 0                          # view i is drawn with seed + i
-        views_per_step: int = 2
-        render_size: int = 0                   # pixels a side of the fitted renders; 0: the prior's image size
-        refresh_every: int = 0                 # regenerate the views from the field's renders (SDEdit); 0: never
-        refresh_strength: Any = schedulable(0.5)
+        sample_steps: int = domain(50, ge=1, le=1000)  # DDIM steps of each generated view
+        sample_scale: float = domain(3.0, ge=0)  # their classifier-free guidance scale
+        sample_eta: float = domain(1.0, ge=0)
+        seed: int = domain(0, ge=0, lt=2 ** 32)  # view i is drawn with seed + i
+        views_per_step: int = domain(2, ge=1)
+        render_size: int = domain(0, ge=0)     # pixels a side of the fitted renders; 0: the prior's image size
+        refresh_every: int = domain(0, ge=0)   # regenerate the views from the field's renders (SDEdit); 0: never
+        refresh_strength: Any = schedulable(0.5, ge=0, le=1)
 
     loss_defaults = {"views_rgb": 100.0, "views_mask": 100.0}
 
@@ -92,6 +92,27 @@ class MultiviewGuidance(ScoreDistillation):
             self.images = self.prior.generate(self.cameras.to(context.device), seeds, self.cfg.sample_steps,
                                               self.cfg.sample_scale, self.cfg.sample_eta)
             self._save(step=0)
+        if context.gt_mesh:
+            self.against_gt = self.score_against(context.gt_mesh)
+
+    def score_against(self, mesh_path: str) -> dict:
+        """How good the generated views are: each against the ground truth's albedo render at its camera
+        (whole images on white; silhouettes: the views' non-white pixels), written to ``generated.json``.
+        This is the ceiling a field fitted to them can reach."""
+        from lift3d.evaluation.appearance import compare_views, render_albedo
+        from lift3d.mesh import load_mesh
+
+        size = self.images.shape[-1]
+        gt = render_albedo(load_mesh(mesh_path, normalize=True), self.cameras.with_size(size, size).to("cpu"))
+        rows = []
+        for image, target in zip(self.images.permute(0, 2, 3, 1), gt):
+            alpha = ((1 - image).amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).float()
+            rows.append(compare_views(torch.cat([image, alpha], -1), target))
+        scores = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr_image", "ssim", "silhouette_iou")}
+        if self.folder:
+            record = io.read_json_if_any(os.path.join(self.folder, "generated.json")) or {}
+            io.write_json(os.path.join(self.folder, "generated.json"), {**record, "against_gt": scores})
+        return scores
 
     def _meta(self) -> dict:
         c = self.cfg
@@ -116,7 +137,10 @@ class MultiviewGuidance(ScoreDistillation):
             return
         for i, image in enumerate(self.images):
             io.save_image(os.path.join(self.folder, f"view_{i:02d}.png"), image.permute(1, 2, 0))
-        io.write_json(os.path.join(self.folder, "generated.json"), {"meta": self._meta(), "step": step})
+        record = {"meta": self._meta(), "step": step}
+        if getattr(self, "against_gt", None):
+            record["against_gt_at_step_0"] = self.against_gt
+        io.write_json(os.path.join(self.folder, "generated.json"), record)
 
     # ------------------------------------------------------------------ hooks
 
