@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from lift3d.bench_report import compare_title, result_line, comparison_image, write_summary
-from lift3d.config import resolve_config
+from lift3d.config import number_arg, resolve_config
 from lift3d.errors import UserError
 from lift3d.utils import io
 
@@ -67,8 +67,9 @@ class ObjectTask:
 
 def camera_overrides(cameras_json: str) -> list[str]:
     """single-image data overrides that put the reference camera exactly where the input was rendered."""
-    with open(cameras_json) as f:
-        meta = json.load(f)
+    from lift3d.utils.inputs import read_json_object
+
+    meta = read_json_object(cameras_json, "render cameras", "delete its folder to render again", keys=("views",))
     view = meta["views"][meta.get("input_view", 0)]
     return ["data.foreground_ratio=null", f"data.default_elevation_deg={view['elevation_deg']}",
             f"data.default_azimuth_deg={view['azimuth_deg']}", f"data.default_camera_distance={view['distance']}",
@@ -182,6 +183,8 @@ def run_bench(dataset: str, config: str, out: str, objects: Optional[list] = Non
 
     if backend not in ("local", "ray"):
         raise UserError(f"unknown backend '{backend}'; use local or ray")
+    if not protocols:
+        raise UserError("no evaluation protocol given; pass --protocols, e.g. surface,syncdreamer")
     config = resolve_config(config)      # a file, else a packaged config name: as ``lift3d launch``
     for p in protocols:
         get_protocol(p, **(eval_options or {}))
@@ -264,6 +267,20 @@ def _run_ray(tasks: list, address: Optional[str], num_cpus: float, num_gpus: Opt
 # --------------------------------------------------------------------------- summary
 
 
+def protocol_list(text) -> list:
+    """``--protocols``: one or more known protocol names, comma-separated (argparse names the flag)."""
+    from lift3d.evaluation.protocols import PROTOCOLS
+
+    if isinstance(text, list):
+        return text
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(n not in PROTOCOLS for n in names):
+        bad = [n for n in names if n not in PROTOCOLS]
+        raise argparse.ArgumentTypeError(f"{'unknown protocol ' + repr(bad[0]) if bad else 'no protocol given'}; "
+                                         f"give one or more of {', '.join(PROTOCOLS)}, comma-separated")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lift3d bench", description="Reconstruct and score every object of a "
                                 "GSO-layout dataset; re-running resumes (finished objects are skipped).",
@@ -275,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", default="", help="comma-separated object names (default: all)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--protocols", default="surface,syncdreamer", help="evaluation protocols, comma-separated")
-    p.add_argument("--num-cpus", type=float, default=None,
+    p.add_argument("--protocols", type=protocol_list, default="surface,syncdreamer",
+                   help="evaluation protocols, comma-separated (surface, syncdreamer, surface-icp)")
+    p.add_argument("--num-cpus", type=number_arg(float, gt=0), default=None,
                    help="CPUs per Ray task (default: the config's trainer.num_threads, or 1)")
-    p.add_argument("--num-gpus", type=float, default=None,
+    p.add_argument("--num-gpus", type=number_arg(float, ge=0), default=None,
                    help="GPUs per Ray task (default: 1 if the cluster has GPUs and trainer.device is not cpu)")
     p.add_argument("--force", action="store_true", help="re-run objects that already have a result")
     p.add_argument("--no-camera-overrides", action="store_true",
@@ -293,7 +311,7 @@ def main(argv: list) -> int:
         raise UserError(f"unknown option {bad[0]}; config overrides are written key=value")
     summary = run_bench(args.dataset, args.config, args.out,
                         objects=[o for o in args.objects.split(",") if o] or None, backend=args.backend,
-                        address=args.address, protocols=tuple(p for p in args.protocols.split(",") if p),
+                        address=args.address, protocols=tuple(protocol_list(args.protocols)),
                         overrides=tuple(overrides), num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                         force=args.force, camera_overrides=not args.no_camera_overrides)
     with open(os.path.join(args.out, "summary.md")) as f:

@@ -77,6 +77,8 @@ def _configs(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
+    from lift3d.config import number_arg
+
     p = argparse.ArgumentParser(prog="lift3d eval", description="Score a mesh against a ground-truth mesh.")
     p.add_argument("--pred", required=True)
     p.add_argument("--gt", required=True)
@@ -85,10 +87,10 @@ def _eval(argv: list[str]) -> int:
     turn.add_argument("--syncdreamer-object", metavar="NAME",
                       help="turn the ground truth by SyncDreamer's angle for this object of its GSO set (e.g. sofa): "
                       "for a reconstruction from SyncDreamer's published renders")
-    turn.add_argument("--gt-rotation-deg", type=float, default=0.0, metavar="DEG",
+    turn.add_argument("--gt-rotation-deg", type=number_arg(float), default=0.0, metavar="DEG",
                       help="an angle in SyncDreamer's convention: the normalised ground truth turns by -DEG about z")
     args = p.parse_args(argv)
-    from lift3d.evaluation.metrics import evaluate
+    from lift3d.evaluation.metrics import check_finite, evaluate
     from lift3d.evaluation.protocols import syncdreamer_gt_angle
 
     angle = syncdreamer_gt_angle(args.syncdreamer_object) if args.syncdreamer_object else args.gt_rotation_deg
@@ -99,7 +101,7 @@ def _eval(argv: list[str]) -> int:
     reference = export_reference_view(args.pred)     # a lift3d export: also scored from its input camera
     if reference is not None:
         result["reference_view"] = reference
-    print(json.dumps(result, indent=2, sort_keys=True))
+    print(json.dumps(check_finite(result), indent=2, sort_keys=True, allow_nan=False))   # JSON holds no NaN
     return 0
 
 
@@ -138,10 +140,10 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
         return 2
     except Interrupted as e:
         print(str(e), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return e.exit_code
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM/SIGHUP (lift3d.utils.interrupts.Stopped): 128 + the signal
+        print(str(e) or "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except MemoryError as e:   # the pre-flight estimate (lift3d/preflight.py) was too low
         return _out_of_memory(e)
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError ("CUDA out of memory" in older torch)
@@ -157,7 +159,8 @@ def run(fn: Callable[[list[str]], int], argv: list[str]) -> int:
 def _out_of_memory(e: BaseException) -> int:
     where = "GPU" if "CUDA" in str(e) or "MPS" in str(e) else "CPU"
     print(f"error: out of {where} memory ({_first_line(e)}); lower data.height/width, data.batch_size, "
-          "system.renderer.train_chunk_samples or system.guidance.encode_chunk", file=sys.stderr)
+          "data.reference_height/width, system.renderer.train_chunk_samples or system.guidance.encode_chunk",
+          file=sys.stderr)
     return 2
 
 
@@ -178,7 +181,51 @@ def version() -> str:
         return lift3d.__version__
 
 
+class _TolerantStdout:
+    """``sys.stdout`` for the command line's own process: what a command prints after its work is done (the
+    paths of a finished run, a JSON result) is a report, so a reader that went away (``| head``, a closed pipe)
+    does not turn the run into a failure: the rest goes to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())       # Python flushes stdout again at exit
+            os.close(devnull)
+            return None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tolerant_output() -> None:
+    """Make this process's output unable to fail a command that did its work: characters the terminal's
+    encoding lacks (LANG=C, PYTHONIOENCODING=ascii) are written as escapes, and a closed stdout is ignored."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):       # None (a closed descriptor) or not a text stream
+            pass
+    if sys.stdout is not None and not isinstance(sys.stdout, _TolerantStdout):
+        sys.stdout = _TolerantStdout(sys.stdout)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    if argv is None:            # the process's own command line (tests pass argv and keep their streams)
+        tolerant_output()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
         print(f"lift3d {version()}")
@@ -196,6 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def launch_main() -> None:
     """``launch.py``: ``lift3d launch`` under its historical name."""
+    tolerant_output()
     sys.exit(run(lambda argv: _launch(argv, prog="launch.py"), sys.argv[1:]))
 
 

@@ -23,7 +23,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -34,15 +34,124 @@ from lift3d.config_files import (CONFIG_DIR, PACKAGE_DIR, config_summary, packag
                                  packaged_configs, read_yaml, resolve_base, resolve_config)
 from lift3d.errors import ConfigError
 from lift3d.recipes import apply_example, apply_weights
+from lift3d.utils.heap import MAX_THRESHOLD_MIB
 
 log = logging.getLogger("lift3d")
 
 SCHEDULE_HELP = "a number or a schedule [start_step, start_value, end_value, end_step]"
 
 
-def schedulable(default: Any):
-    """A dataclass field that accepts a number or a schedule (see :func:`C`)."""
-    return field(default=default, metadata={"schedulable": True})
+@dataclass(frozen=True)
+class Domain:
+    """The values a number may take, declared next to it (:func:`domain`, :func:`schedulable`, :func:`number_arg`):
+    bounds ``gt``/``ge``/``lt``/``le``, always finite. For a list it holds for every number, with ``length``
+    numbers when given and, with ``ordered``, ends in order (``[low, high]``). None passes (an unset option)."""
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+    length: Optional[int] = None
+    ordered: bool = False
+    why: str = ""                       # said after the problem: what the bound protects
+
+    def describe(self) -> str:
+        lo = f"{'(' if self.gt is not None else '['}{_num(self.gt if self.gt is not None else self.ge)}"
+        hi = f"{_num(self.lt if self.lt is not None else self.le)}{')' if self.lt is not None else ']'}"
+        has_lo, has_hi = self.gt is not None or self.ge is not None, self.lt is not None or self.le is not None
+        if has_lo and has_hi:
+            return f"in {lo}, {hi}"
+        if has_lo:
+            return f"{'>' if self.gt is not None else '>='} {_num(self.gt if self.gt is not None else self.ge)}"
+        if has_hi:
+            return f"{'<' if self.lt is not None else '<='} {_num(self.lt if self.lt is not None else self.le)}"
+        return "finite"
+
+    def _bad(self, x: Any) -> bool:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return True
+        return not (math.isfinite(x) and (self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
+                    and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+
+    def problem(self, value: Any) -> Optional[str]:
+        """None when ``value`` is in the domain, else what is wrong ("must be ..., got ...")."""
+        if value is None:
+            return None
+        each = "" if self.describe() == "finite" else f" {self.describe()}"
+        if isinstance(value, (list, tuple, ListConfig)):
+            items = list(value)
+            count = f"{self.length} numbers" if self.length else "numbers"
+            wanted = f"a list of {count}{' each' if each else ''}{each}" + (", low to high" if self.ordered else "")
+            if ((self.length is not None and len(items) != self.length) or any(self._bad(x) for x in items)
+                    or (self.ordered and any(b < a for a, b in zip(items, items[1:])))):
+                return f"must be {wanted}, got {items}{self._why()}"
+            return None
+        if self.length is not None:
+            return f"must be a list of {self.length} numbers{each}, got {value!r}{self._why()}"
+        if isinstance(value, str):      # a field that also takes a word (density_bias: "blob_magic3d" or a number)
+            return None
+        if self._bad(value):
+            finite = not isinstance(value, float) or math.isfinite(value)
+            return f"must be a {'number' if each and finite else 'finite number'}{each}, got {value!r}{self._why()}"
+        return None
+
+    def _why(self) -> str:
+        return f" ({self.why})" if self.why else ""
+
+
+def _num(x: Any) -> str:
+    return "" if x is None else (f"{x:g}" if isinstance(x, float) else str(x))
+
+
+def _field(default: Any, metadata: dict):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def domain(default: Any, **bounds):
+    """A dataclass field whose value :func:`parse_config` checks against ``Domain(**bounds)`` before any work:
+    ``lr: float = domain(0.01, gt=0)``, ``betas: list = domain([0.9, 0.99], ge=0, lt=1, length=2)``."""
+    return _field(default, {"domain": Domain(**bounds)})
+
+
+def schedulable(default: Any, **bounds):
+    """A dataclass field that accepts a number or a schedule (see :func:`C`); ``bounds`` (:class:`Domain`)
+    hold for the number and for each value of a schedule."""
+    return _field(default, {"schedulable": True, **({"domain": Domain(**bounds)} if bounds else {})})
+
+
+LOSS_WEIGHT = Domain(ge=0)      # a loss weight (system.loss.lambda_*, a plugin's loss_defaults): never negative
+
+
+def schedule_values(value: Any) -> list:
+    """The values of a schedule ``[s0, v0, v1, s1, v2, s2, ...]`` (the number itself for a number)."""
+    if not isinstance(value, (list, tuple, ListConfig)):
+        return [value]
+    items = list(value)
+    return items[1:3] + items[4::2]
+
+
+def number_arg(kind: type = float, dom: Optional[Domain] = None, **bounds) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reads an ``int`` or ``float`` and checks it against ``dom`` or ``Domain(**bounds)``:
+    ``p.add_argument("--steps", type=number_arg(int, ge=1, le=1000))``; argparse then names the flag."""
+    import argparse
+
+    dom = dom or Domain(**bounds)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}"
+                                             f"{'' if dom.describe() == 'finite' else ' ' + dom.describe()}, "
+                                             f"got {text!r}") from None
+        problem = dom.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def check_schedule(value: Any, path: str) -> None:
@@ -90,9 +199,13 @@ def _check_keys(schema: type, cfg: Any, path: str) -> None:
     for key in cfg:
         if key not in valid:
             raise ConfigError(unknown_key_message(path, str(key), valid))
-        sub = hints.get(key)
+        sub, where = hints.get(key), f"{path}.{key}" if path else str(key)
         if dataclasses.is_dataclass(sub) and isinstance(cfg[key], (dict, DictConfig)):
-            _check_keys(sub, cfg[key], f"{path}.{key}" if path else str(key))
+            _check_keys(sub, cfg[key], where)
+        elif dataclasses.is_dataclass(sub) and cfg[key] is not None:
+            first = dataclasses.fields(sub)[0].name
+            raise ConfigError(f"{where} is a block of keys, not a value: set {where}.{first}=... (its keys: "
+                              f"{', '.join(f.name for f in dataclasses.fields(sub))}), got {where}={cfg[key]!r}")
 
 
 def _check_finite(value: Any, where: str) -> None:
@@ -107,16 +220,24 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(item, f"{where}.{key}")
 
 
-def _check_schedules(schema: type, obj: Any, path: str) -> None:
+def _check_values(schema: type, obj: Any, path: str) -> None:
+    """Every field of ``obj``: finite, a valid schedule where :func:`schedulable`, in its declared :class:`Domain`."""
     for f in dataclasses.fields(schema):
         where = f"{path}.{f.name}" if path else f.name
         value = getattr(obj, f.name)
         if not dataclasses.is_dataclass(value):
             _check_finite(value, where)
+        dom = f.metadata.get("domain")
         if f.metadata.get("schedulable"):
             check_schedule(value, where)
+            for v in schedule_values(value) if dom else ():
+                if dom.problem(v):
+                    what = "" if isinstance(value, (int, float)) else " (each value of the schedule)"
+                    raise ConfigError(f"{where}{what} must be {dom.describe()}, got {value}")
         elif dataclasses.is_dataclass(value):
-            _check_schedules(type(value), value, where)
+            _check_values(type(value), value, where)
+        elif dom is not None and dom.problem(value):
+            raise ConfigError(f"{where} {dom.problem(value)}")
 
 
 def parse_config(schema: type, cfg: Any = None, path: str = "") -> Any:
@@ -140,8 +261,12 @@ def parse_config(schema: type, cfg: Any = None, path: str = "") -> Any:
         key = getattr(e, "full_key", "") or ""
         where = f"{path}.{key}" if path and key else (path or key)
         msg = str(e).split("\n")[0]
+        if msg.startswith("Incompatible value 'None'") or "is not Optional" in msg:   # `key=` with nothing after it
+            short = [k for k, v in SHORTHANDS.items() if v == where]
+            raise ConfigError(f"{where} is empty; give it a value: {short[0] if short else where}=..."
+                              + (" (the input image, an RGBA PNG)" if where == SHORTHANDS["image"] else "")) from None
         raise ConfigError(f"bad value for '{where}': {msg}") from None
-    _check_schedules(schema, obj, path)
+    _check_values(schema, obj, path)
     return obj
 
 
@@ -170,16 +295,16 @@ def validate_tree(cfg: Any, schema: Optional[type] = None, path: str = "") -> No
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    val_every: int = 200          # steps between validation images (0: never)
-    ckpt_every: int = 200         # steps between checkpoints (0: only at the end)
-    log_every: int = 10           # steps between loss-log rows (save/losses.csv) and progress-bar refreshes
+    max_steps: int = domain(1000, ge=1)
+    val_every: int = domain(200, ge=0)     # steps between validation images (0: never)
+    ckpt_every: int = domain(200, ge=0)    # steps between checkpoints (0: only at the end)
+    log_every: int = domain(10, ge=0)      # steps between loss-log rows (save/losses.csv) and progress-bar refreshes
     device: str = "auto"          # auto | cpu | cuda | cuda:N
-    num_threads: int = 0          # torch CPU threads (0: torch's default)
+    num_threads: int = domain(0, ge=0, le=4096)   # torch CPU threads (0: torch's default)
     memory_check: bool = True     # stop before training when a step will not fit in free memory (lift3d/preflight.py)
     # CPU allocations of this many MiB and more are returned to the system when freed (glibc; 0: its default,
     # which keeps 1-2 GiB of freed tensors resident at the SDS recipes' 256 px milestone). lift3d/utils/heap.py
-    mmap_threshold_mib: float = 4.0
+    mmap_threshold_mib: float = domain(4.0, ge=0, le=MAX_THRESHOLD_MIB)
 
 
 @dataclass
@@ -188,7 +313,7 @@ class ExperimentConfig:
     tag: str = "run"
     exp_root_dir: str = "outputs"
     use_timestamp: bool = True
-    seed: int = 0
+    seed: int = domain(0, ge=0, lt=2 ** 32)       # numpy's seeds are 32-bit
     resume: Optional[str] = None
     data_type: str = "single-image"
     data: dict = field(default_factory=dict)

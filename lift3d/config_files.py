@@ -11,6 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from lift3d.errors import ConfigError
+from lift3d.utils.inputs import file_kind
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")       # the packaged configs (repository-root configs/ links here)
@@ -52,6 +53,9 @@ def resolve_config(name_or_path: str) -> str:
     found = _packaged(name_or_path)
     if found is None and os.path.isfile(os.path.join(CONFIG_DIR, name_or_path)):   # recipes/zero123-mini.yaml
         found = os.path.join(CONFIG_DIR, name_or_path)
+    if found is None and os.path.lexists(name_or_path):     # there, but a folder, a FIFO, a link loop, ...
+        raise ConfigError(f"config {name_or_path} is {file_kind(name_or_path)}; pass a YAML file or the name of a "
+                          "packaged config ('lift3d configs' lists them)")
     if found is None:
         raise ConfigError(f"config '{name_or_path}' not found: no such file and no packaged config of that name "
                           f"(packaged configs: {', '.join(packaged_configs()) or 'none'})")
@@ -63,6 +67,8 @@ def resolve_base(path: str, base: str) -> str:
     base_path = os.path.join(os.path.dirname(path), str(base))
     if os.path.isfile(base_path):
         return base_path
+    if os.path.lexists(base_path):
+        raise ConfigError(f"config {path} extends '{base}', but {base_path} is {file_kind(base_path)}")
     found = _packaged(str(base))
     if found is None:
         raise ConfigError(f"config {path} extends '{base}': no such file next to it and no packaged config "

@@ -17,9 +17,14 @@ and, from this module:
 - ``heap``: with ``trainer.mmap_threshold_mib: 0`` on glibc, the freed render and VAE tensors that stay
   resident (lift3d/utils/heap.py), counted as one more render and VAE pass (measured: 1.5-2.0 GiB at
   stable-zero123's 256 px milestone, where those parts are 1.7 GiB);
+- ``reference``: the reference view's pixels (the image, its mask and colour targets, the render's per-pixel
+  outputs and the losses on them, with their gradients: ``REFERENCE_BYTES_PER_PIXEL``, measured), which no
+  chunking bounds; the setting is ``data.reference_height/width``;
 - ``baseline``: Python, torch and the model libraries;
 - ``margin``: 5 % of the rest, for the allocator's slack (the sum alone was up to 0.05 GiB under the
   measured peak of ``zero123-sjc``).
+The turntable after training (``n_test_views`` views at the eval size, ``TEST_BYTES_PER_PIXEL``) is checked on
+its own, naming ``data.eval_height/width`` and ``data.n_test_views``.
 ``benchmarks/bench_recipes.py`` prints this estimate next to the measured peaks.
 ``trainer.memory_check: false`` skips the check.
 """
@@ -36,6 +41,12 @@ from lift3d.plugin import MemoryPlan
 from lift3d.utils.heap import fragments_heap
 
 GIB = 2 ** 30
+# Bytes a training step holds per pixel of the reference view (RGB field): the image, its targets, the render's
+# per-pixel outputs (colour, opacity, depth and their composites), the losses and all their gradients.
+REFERENCE_BYTES_PER_PIXEL = 400
+# Bytes the turntable holds per pixel of each test view after training: five RGB float panels (field, mesh
+# textured and shaded, normals, opacity), their concatenation and the uint8 frames of the video.
+TEST_BYTES_PER_PIXEL = 150
 BASELINE_GIB = 0.8
 MARGIN = 0.05                   # of the other parts together: the allocator's slack
 VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element of each layer
@@ -122,6 +133,10 @@ def estimate_step_memory(system, data, mmap_threshold_mib: float = TrainerConfig
         guidance = find(system.cfg.guidance_type, "guidance")(system.cfg.guidance, path="system.guidance")
     plan = memory_plan(system, data, guidance)
     est = Estimate(parts={"baseline": BASELINE_GIB})
+    size = (data.cfg.reference_height, data.cfg.reference_width)
+    if plan.renders("reference"):
+        est.parts["reference"] = reference_gib(*size)
+        est.settings["reference"] = reference_setting(*size)
     parts = [p for p in system.plugins() if p is not system.guidance] + ([guidance] if guidance is not None else [])
     for part in parts:
         for name, (gib, setting) in part.memory_estimate(plan).items():
@@ -134,6 +149,31 @@ def estimate_step_memory(system, data, mmap_threshold_mib: float = TrainerConfig
                                 f"(now {mmap_threshold_mib:g})")
     est.parts["margin"] = MARGIN * est.total_gib
     return est
+
+
+def reference_gib(height: int, width: int) -> float:
+    """What a training step holds for a reference view of ``height`` x ``width`` pixels."""
+    return height * width * REFERENCE_BYTES_PER_PIXEL / GIB
+
+
+def test_gib(views: int, height: int, width: int) -> float:
+    """What the turntable holds after training: ``views`` test views of ``height`` x ``width``."""
+    return views * height * width * TEST_BYTES_PER_PIXEL / GIB
+
+
+def reference_setting(height: int, width: int) -> str:
+    return f"data.reference_height/width (now {height}x{width})"
+
+
+def check_reference_size(height: int, width: int) -> None:
+    """Before the reference image is read at ``height`` x ``width``: one line naming data.reference_height/width
+    when its pixels alone would not fit in the free memory (an image that size is read, resized and recentred
+    in a few float copies, and trained on at that size)."""
+    free = available_gib()
+    need = reference_gib(height, width)
+    if free is not None and need > free:
+        raise UserError(f"a {height}x{width} reference view needs about {need:.1f} GiB but only {free:.1f} GiB is "
+                        f"free: lower {reference_setting(height, width)}")
 
 
 def _meminfo_gib(key: str) -> Optional[float]:
@@ -193,6 +233,13 @@ def check_memory(exp) -> None:
     message = verdict(est, free, _vm_bytes("VmRSS") / GIB)
     if message:
         raise UserError(message)
+    c = exp.data.cfg
+    if hasattr(c, "n_test_views"):      # after training: the turntable (the step's memory is freed by then)
+        need = test_gib(c.n_test_views, c.eval_height, c.eval_width) + est.parts.get("model", 0.0) + BASELINE_GIB
+        if need - _vm_bytes("VmRSS") / GIB > free:
+            raise UserError(f"the turntable after training needs about {need:.1f} GiB ({c.n_test_views} views of "
+                            f"{c.eval_height}x{c.eval_width}) but only {free:.1f} GiB is free: lower "
+                            f"data.eval_height/width or data.n_test_views (trainer.memory_check=false skips this check)")
 
 
 def verdict(est: Estimate, free_gib: float, resident_gib: float = 0.0) -> Optional[str]:

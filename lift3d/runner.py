@@ -1,10 +1,12 @@
 """Runs an experiment: trial folder, training loop, checkpoints, validation, turntable, export, metrics.
 
 The loop is plain PyTorch (no Lightning): one optimiser step per training step, a progress bar
-with the losses and it/s, a checkpoint every ``trainer.ckpt_every`` steps and on Ctrl-C, and a
-stop with a clear message when a loss stops being finite or the parameters blow up (not finite, or
-past PARAMETER_LIMIT); a checkpoint is only written while the parameters are good, so the last one
-kept is always usable.
+with the losses and it/s, a checkpoint every ``trainer.ckpt_every`` steps and on Ctrl-C, SIGTERM or
+SIGHUP (after the step under way: lift3d/utils/interrupts.py, so a resumed run repeats an uninterrupted
+one exactly), and a stop with a clear message when a loss stops being finite or the parameters blow up
+(not finite, or past PARAMETER_LIMIT); a checkpoint is only written while the parameters are good, so the
+last one kept is always usable. Every file is written atomically (lift3d/utils/io.py): a full disk stops
+the run with one line naming the file, the previous checkpoint and export intact.
 
 Inputs (config values, the image, resume=, the evaluation protocol) are checked before the trial
 folder is created. A run holds the folder's lock (:class:`TrialLock`) while it writes there, so a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from typing import Optional
 
 import numpy as np
@@ -29,7 +32,7 @@ from lift3d.preflight import check_memory
 from lift3d.registry import find
 from lift3d.systems.base import RunContext
 from lift3d.trial import TrialLock, config_differences, load_checkpoint, trial_dir_for
-from lift3d.utils import figures, io
+from lift3d.utils import figures, interrupts, io
 from lift3d.utils.device import pick_device
 from lift3d.utils.heap import MAX_THRESHOLD_MIB, set_mmap_threshold
 from lift3d.utils.images import save_video
@@ -40,13 +43,17 @@ log = logging.getLogger("lift3d")
 
 # A parameter whose magnitude reaches this has blown up (a learning rate far too high) even while it is finite.
 PARAMETER_LIMIT = 1e8
-class Interrupted(Exception):
-    """Ctrl-C during training; the checkpoint has been saved (``ckpt_path``; None when none could be)."""
 
-    def __init__(self, ckpt_path: Optional[str], step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with resume={ckpt_path}" if ckpt_path
-                         else f"interrupted at step {step}; no checkpoint saved (the parameters are not finite)")
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP stopped training; ``ckpt_path`` is the checkpoint to continue from (None: there
+    is none) and ``exit_code`` the shell's 128 + the signal's number. A KeyboardInterrupt, so that a caller
+    catching Exception (a benchmark going on to its next object) stops too."""
+
+    def __init__(self, message: str, ckpt_path: Optional[str], exit_code: int = 130):
+        super().__init__(message)
         self.ckpt_path = ckpt_path
+        self.exit_code = exit_code
 
 
 class Experiment:
@@ -67,6 +74,7 @@ class Experiment:
         self.step = 0
         self.generator = torch.Generator().manual_seed(self.exp.seed)
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.ckpt_step: Optional[int] = None    # the step of ckpts/last.ckpt as this run last wrote or read it
         self.outputs: dict = {}   # what this run wrote, for the end-of-run print: {what: path}
         self._loaded: dict = {}           # checkpoints read while checking the inputs, by path
 
@@ -123,11 +131,17 @@ class Experiment:
         }
         try:
             io.save_torch(self.ckpt_path, state)
-        except OSError as e:
-            kept = "the previous checkpoint is kept" if os.path.exists(self.ckpt_path) else "no checkpoint was written"
-            raise UserError(f"cannot write checkpoint {self.ckpt_path} at step {self.step}: {e.strerror or e}; "
-                            f"{kept} (free disk space, then continue with resume=)") from None
+        except io.WriteFailed as e:   # a full disk (torch.save raises RuntimeError, the rest OSError), read-only
+            raise UserError(f"cannot write checkpoint {self.ckpt_path} at step {self.step}: {e.reason}; "
+                            f"{self._previous_checkpoint()} (free disk space, then continue with resume=)") from None
+        self.ckpt_step = self.step
         return self.ckpt_path
+
+    def _previous_checkpoint(self) -> str:
+        if not os.path.exists(self.ckpt_path):
+            return "no checkpoint was written"
+        at = f" (step {self.ckpt_step})" if self.ckpt_step is not None else ""
+        return f"the previous checkpoint{at} is kept"
 
     def restore(self, path: str, with_optimizer: bool = False) -> None:
         """Load a checkpoint's weights (their shapes may differ: see BaseSystem) and RNG states;
@@ -147,6 +161,8 @@ class Experiment:
         if "view_rng" in ckpt:
             self.generator.set_state(ckpt["view_rng"])
         self.step = int(ckpt["step"])
+        if os.path.abspath(path) == os.path.abspath(self.ckpt_path):
+            self.ckpt_step = self.step
 
     # ------------------------------------------------------------------ modes
 
@@ -184,25 +200,39 @@ class Experiment:
 
     def run(self, mode: str) -> str:
         self.check_inputs(mode)
-        lock = TrialLock(self.trial_dir)
-        lock.acquire()
-        try:
-            io.remove_orphans(self.trial_dir)
-            if mode == "train":
-                self.train()
-                self.export()      # first: the turntable and the summary show the exported mesh
-                self.test()
-            else:
-                self.restore(self.exp.resume)
-                self.system.setup(self.data, self.context(), train=False)
-                if mode == "test":
+        with interrupts.stop_signals():    # SIGTERM/SIGHUP, like Ctrl-C, end in the finally below: the lock goes
+            lock = TrialLock(self.trial_dir)
+            lock.acquire()
+            try:
+                io.remove_orphans(self.trial_dir)
+                if mode == "train":
+                    self.train()
+                    self.export()      # first: the turntable and the summary show the exported mesh
                     self.test()
-                elif mode == "export":
-                    self.export()
-        finally:
-            lock.release()
+                else:
+                    self.restore(self.exp.resume)
+                    self.system.setup(self.data, self.context(), train=False)
+                    if mode == "test":
+                        self.test()
+                    elif mode == "export":
+                        self.export()
+            except interrupts.Stopped as e:    # outside a training step: at once, every write whole or not at all
+                raise interrupts.Stopped(e.signum, f"{interrupts.describe(e.signum)} before the run finished; "
+                                                   f"{self._stop_note(mode)}") from None
+            finally:
+                lock.release()
         self.report()
         return self.trial_dir
+
+    def _stop_note(self, mode: str) -> str:
+        if mode == "export":
+            return (f"{self.path('export')} and metrics.json are as they were; "
+                    f"run --export resume={self.exp.resume} again")
+        if mode != "train":
+            return f"run --{mode} resume={self.exp.resume} again"
+        if not os.path.exists(self.ckpt_path):
+            return "no checkpoint was written"
+        return f"the checkpoint {self.ckpt_path} is kept (continue with resume={self.ckpt_path})"
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -223,50 +253,83 @@ class Experiment:
                          tensorboard_dir=self.path("tensorboard"))
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("LIFT3D_NO_PROGRESS") == "1")
-        try:
-            while self.step < t.max_steps:
-                self.data.update_step(self.step)
-                self.system.update_step(self.step)
-                views = self.data.sample_views(self.generator).to(self.device)
-                out = self.system.training_step(views, self.step)
-                loss = out["loss"]
-                if not torch.is_tensor(loss) or not torch.isfinite(loss):
-                    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
-                    raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {self._kept()}. "
-                                    "Lower the learning rate or the loss weights.")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.system.on_after_backward(self.optimizer, self.step)
-                try:
-                    self.optimizer.step()
-                except RuntimeError as e:   # an update too large for float32 ("cannot be converted ... overflow")
-                    if "overflow" not in str(e):
-                        raise
-                    raise self._blew_up(f"the optimiser's update overflowed ({str(e).splitlines()[0]})") from None
-                self.step += 1
-                bad = self.bad_parameter()
-                if bad:
-                    raise self._blew_up(f"{bad} (not finite or over {PARAMETER_LIMIT:g})")
-                bar.update(1)
-                if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
-                    losses.append(self.step, {k: float(v.detach() if torch.is_tensor(v) else v)
-                                              for k, v in out.items() if _is_scalar(v)})
-                    bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
-                                    for k, v in out.items()})
-                if t.val_every and self.step % t.val_every == 0:
-                    self.validate()
-                if t.ckpt_every and self.step % t.ckpt_every == 0:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
-            raise Interrupted(self.save_checkpoint() or (self.ckpt_path if os.path.exists(self.ckpt_path) else None),
-                              self.step) from None
-        finally:
-            losses.close()
-        bar.close()
-        self.save_checkpoint()
+        with interrupts.stop_signals():
+            try:
+                with interrupts.deferred():    # a stop signal waits for the end of the step under way
+                    while self.step < t.max_steps and not interrupts.pending():
+                        self._train_step(losses, bar)
+                    bar.close()
+                    ckpt = self.save_checkpoint()
+                    if interrupts.pending():
+                        raise self._interrupted(interrupts.pending(), ckpt)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt as e:     # a second signal, or Ctrl-C where no handler could be set: mid-step
+                bar.close()
+                raise self._stopped_mid_step(e) from None
+            except io.WriteFailed as e:        # the loss log or a validation picture
+                raise UserError(f"{e}; training stopped at step {self.step}, {self._kept()} "
+                                "(free disk space, then continue with resume=)") from None
+            finally:
+                losses.close()
         self.outputs["losses"] = losses.path
         self.outputs["loss curve"] = figures.loss_curve(losses.path, self.path("save", "losses.png"))
+
+    def _train_step(self, losses: LossLog, bar) -> None:
+        """One optimiser step, then the loss log, validation and checkpoint on their schedules."""
+        t = self.exp.trainer
+        self.data.update_step(self.step)
+        self.system.update_step(self.step)
+        views = self.data.sample_views(self.generator).to(self.device)
+        out = self.system.training_step(views, self.step)
+        loss = out["loss"]
+        if not torch.is_tensor(loss) or not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
+            raise UserError(f"loss is not finite at step {self.step} ({terms}); stopped, {self._kept()}. "
+                            "Lower the learning rate or the loss weights.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.system.on_after_backward(self.optimizer, self.step)
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:   # an update too large for float32 ("cannot be converted ... overflow")
+            if "overflow" not in str(e):
+                raise
+            raise self._blew_up(f"the optimiser's update overflowed ({str(e).splitlines()[0]})") from None
+        self.step += 1
+        bad = self.bad_parameter()
+        if bad:
+            raise self._blew_up(f"{bad} (not finite or over {PARAMETER_LIMIT:g})")
+        bar.update(1)
+        if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
+            losses.append(self.step, {k: float(v.detach() if torch.is_tensor(v) else v)
+                                      for k, v in out.items() if _is_scalar(v)})
+            bar.set_postfix({k.replace("loss_", ""): f"{float(v.detach() if torch.is_tensor(v) else v):.3g}"
+                            for k, v in out.items()})
+        if t.val_every and self.step % t.val_every == 0:
+            self.validate()
+        if t.ckpt_every and self.step % t.ckpt_every == 0:
+            self.save_checkpoint()
+
+    def _interrupted(self, signum: int, ckpt: Optional[str]) -> Interrupted:
+        """A stop signal arrived during training; the step under way finished and ``ckpt`` holds its state."""
+        if ckpt:
+            return Interrupted(f"{interrupts.describe(signum)} at step {self.step}; checkpoint saved, "
+                               f"continue with resume={ckpt}", ckpt, 128 + signum)
+        kept = self.ckpt_path if os.path.exists(self.ckpt_path) else None
+        return Interrupted(f"{interrupts.describe(signum)} at step {self.step}; no checkpoint saved (the parameters "
+                           f"are not finite)" + (f", continue from the previous one: resume={kept}" if kept else ""),
+                           kept, 128 + signum)
+
+    def _stopped_mid_step(self, e: KeyboardInterrupt) -> Interrupted:
+        """Stopped inside a step: its state is half-updated, so no checkpoint of it (it would not resume exactly)."""
+        signum = getattr(e, "signum", signal.SIGINT)
+        again = " again" if interrupts.pending() else ""
+        line = f"{interrupts.describe(signum)}{again} during step {self.step + 1}: stopped there, unsaved; "
+        if not os.path.exists(self.ckpt_path):
+            return Interrupted(line + "no checkpoint was written", None, 128 + signum)
+        return Interrupted(line + f"{self._previous_checkpoint()}, continue with resume={self.ckpt_path}",
+                           self.ckpt_path, 128 + signum)
 
     def context(self) -> RunContext:
         return RunContext(device=self.device, trial_dir=self.trial_dir, seed=self.exp.seed)
@@ -302,14 +365,23 @@ class Experiment:
             self.outputs["summary"] = self.path("save", "summary.png")
 
     def export(self) -> None:
-        exported = self.system.export(self.path("export"))
+        """export/ and metrics.json, whole or not at all: a failure (a full disk at model.glb) leaves the previous
+        export and its metrics as they were."""
+        try:
+            with io.all_or_nothing():
+                exported = self.system.export(self.path("export"))
+                metrics = self.system.metrics(exported, self.exp.eval_protocol)
+                if metrics is not None:
+                    io.write_json(self.path("metrics.json"), metrics)
+        except io.WriteFailed as e:
+            retry = f"--export resume={self.ckpt_path}" if os.path.exists(self.ckpt_path) else "the export"
+            raise UserError(f"cannot write {e.path}: {e.reason}; the export in {self.path('export')} and metrics.json "
+                            f"are left as they were (free disk space, then run {retry})") from None
         log.info("exported %s", ", ".join(exported.values()))
         meshes = [exported[k] for k in ("obj", "glb") if k in exported]
         if meshes:
             self.outputs["mesh"] = ", ".join(meshes)
-        metrics = self.system.metrics(exported, self.exp.eval_protocol)
         if metrics is not None:
-            io.write_json(self.path("metrics.json"), metrics)
             self.outputs["metrics"] = f"{self.path('metrics.json')}  {_metrics_line(metrics)}"
 
     def report(self) -> None:

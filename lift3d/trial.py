@@ -8,6 +8,7 @@ folder refuses; a lock left by a killed run (a dead process on this host) is tak
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -28,8 +29,8 @@ RESULT_NEUTRAL_KEYS = ("name", "tag", "exp_root_dir", "use_timestamp", "resume",
 class TrialLock:
     """``<trial>/.lift3d.lock``: "PID HOST" of the run using a trial folder, so that a second run in the same
     folder refuses instead of mixing its outputs in. A lock left by a killed run on this host (its process
-    is gone) is taken over. ``release`` also removes the folders ``acquire`` created if they are still empty,
-    so a run that fails before writing anything leaves no stub trial folder behind."""
+    is gone) is taken over. ``release`` also removes the folders ``acquire`` created if they hold no file (a run
+    that fails before writing anything, a disk full from the start), so it leaves no stub trial folder behind."""
 
     NAME = ".lift3d.lock"
 
@@ -52,14 +53,15 @@ class TrialLock:
                 except FileExistsError:
                     self._take_over_stale()
                     continue
+                self.held = True      # from here on release() removes it, also when writing the pid fails
                 with os.fdopen(fd, "w") as f:
                     f.write(f"{os.getpid()} {socket.gethostname()}\n")
-                self.held = True
                 return
         except OSError as e:
             self.release()
-            raise UserError(f"cannot write the trial folder {self.trial_dir}: {e.strerror or e}; "
-                            "set exp_root_dir to a folder you can write") from None
+            hint = "free disk space, or set exp_root_dir to another disk" if e.errno == errno.ENOSPC else \
+                "set exp_root_dir to a folder you can write"
+            raise UserError(f"cannot write the trial folder {self.trial_dir}: {e.strerror or e}; {hint}") from None
         raise UserError(f"trial folder {self.trial_dir} is in use: another run took its lock at the same time")
 
     def _take_over_stale(self) -> None:
@@ -82,12 +84,22 @@ class TrialLock:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
             self.held = False
+        if self.created and not _holds_files(self.trial_dir):   # a run that wrote nothing: no folders left behind
+            for base, _, _ in sorted(os.walk(self.trial_dir), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(base)
         for folder in self.created:        # deepest first; stops at the first one holding something
             try:
                 os.rmdir(folder)
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
         self.created = []
+
+
+def _holds_files(folder: str) -> bool:
+    return any(files for _, _, files in os.walk(folder))
 
 
 def _alive(pid: int) -> bool:
@@ -133,20 +145,39 @@ def config_differences(trial_cfg, cfg) -> list[str]:
 def trial_dir_for(exp: ExperimentConfig) -> str:
     if exp.resume:
         # Resuming (or testing/exporting) a run continues in that run's folder: <trial>/ckpts/last.ckpt.
-        return os.path.dirname(os.path.dirname(os.path.abspath(exp.resume)))
+        folder = os.path.dirname(os.path.abspath(exp.resume))
+        if os.path.basename(folder) == "ckpts":
+            return os.path.dirname(folder)
+        # A checkpoint copied out of its trial: the trial folder exp_root_dir/name/tag names (the run's last line
+        # prints it), not the checkpoint's grandparent.
     tag = exp.tag + (time.strftime("@%Y%m%d-%H%M%S") if exp.use_timestamp else "")
     return os.path.join(exp.exp_root_dir, exp.name, tag)
 
 
 def load_checkpoint(path: str) -> dict:
-    if os.path.isdir(path):
-        raise UserError(f"resume={path} is a folder; pass a checkpoint file, resume=<trial>/ckpts/last.ckpt")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path} (pass resume=<trial>/ckpts/last.ckpt)")
+    """A lift3d run's checkpoint (``resume=``), read through :func:`io.load_torch`; refuses a file that is not
+    one, and one whose weights are not finite (written by a run that had already diverged: not resumable)."""
+    from lift3d.utils.inputs import require_file
+
+    require_file(path, "checkpoint", "pass resume=<trial>/ckpts/last.ckpt (a folder? the file inside it)")
     try:
         ckpt = io.load_torch(path)
     except io.UnsafeCheckpoint as e:
         raise UserError(f"{e}; it is not a lift3d checkpoint") from None
-    if not isinstance(ckpt, dict) or "system" not in ckpt or "step" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("system"), dict) or "step" not in ckpt:
         raise UserError(f"{path} is not a lift3d checkpoint (no 'system'/'step' entries)")
+    import torch
+
+    def finite(v) -> bool:
+        return not (torch.is_tensor(v) and v.is_floating_point()) or bool(torch.isfinite(v).all())
+
+    bad = [k for k, v in ckpt["system"].items() if not finite(v)]
+    state = ckpt.get("optimizer", {}).get("state", {}) if isinstance(ckpt.get("optimizer"), dict) else {}
+    bad += [f"optimizer state {k}" for k, v in state.items()
+            if isinstance(v, dict) and not all(finite(x) for x in v.values())][:1]
+    if bad:
+        more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
+        raise UserError(f"checkpoint {path} holds weights that are not finite ({', '.join(bad[:2])}{more}): the run "
+                        "that wrote it had diverged, so it cannot be resumed, tested or exported; use an earlier "
+                        "checkpoint or train anew")
     return ckpt

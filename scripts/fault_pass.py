@@ -2,9 +2,10 @@
 """A fault-injection pass over the lift3d command line: bad inputs and faults, each run as a subprocess
 the way a user would, classified and counted in a table.
 
-    python scripts/fault_pass.py [--only WORD] [--keep DIR]
+    python scripts/fault_pass.py [--only WORD] [--inputs] [--keep DIR]
 
-The cases are issue 14's (tests/faultcases.py, also run by tests/test_faults.py) plus the extras below.
+The cases are issue 14's (tests/faultcases.py, also run by tests/test_faults.py), the extras of
+tests/fault_extras.py and issue 26's numbers, files and outputs (tests/fault_inputs.py).
 A case is *clean* when it ends with the expected exit code and one stderr line that says the right thing,
 without a traceback and without losing a good file. Exit code 0 when every case is clean.
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from faultcases import CASES, Workspace, run_case, verdict  # noqa: E402
 from fault_extras import EXTRA_CASES  # noqa: E402
+from fault_inputs import INPUT_CASES  # noqa: E402
 
 COLUMNS = ("clean", "traceback", "wrong exit", "multi-line", "misleading", "lost")
 
@@ -27,17 +29,20 @@ COLUMNS = ("clean", "traceback", "wrong exit", "multi-line", "misleading", "lost
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="run the cases whose name contains this word")
+    p.add_argument("--inputs", action="store_true", help="run only issue 26's numbers/files/outputs cases")
     p.add_argument("--keep", default=None, help="work in this folder (kept) instead of a temporary one")
     a = p.parse_args()
     root = a.keep or tempfile.mkdtemp(prefix="lift3d-faults-")
     ws = Workspace(os.path.join(root, "ws")).build()
-    cases = [c for c in CASES + EXTRA_CASES if a.only.lower() in c.name.lower()]
-    counts = {group: dict.fromkeys(COLUMNS, 0) for group in ("issue 14", "extra")}
+    inputs = {id(c) for c in INPUT_CASES}
+    cases = [c for c in (INPUT_CASES if a.inputs else CASES + EXTRA_CASES + INPUT_CASES)
+             if a.only.lower() in c.name.lower()]
+    counts = {group: dict.fromkeys(COLUMNS, 0) for group in ("issue 14", "extra", "issue 26 inputs")}
     bad = 0
     for i, case in enumerate(cases):
         outcome = run_case(ws, case, os.path.join(root, f"case{i:03d}"))
         v = verdict(case, outcome)
-        counts["issue 14" if case.listed else "extra"][v] += 1
+        counts["issue 14" if case.listed else "issue 26 inputs" if id(case) in inputs else "extra"][v] += 1
         bad += v != "clean"
         first = outcome.lines[-1] if outcome.lines else ""
         print(f"{v:<11} exit {outcome.code:<4} {outcome.seconds:5.1f}s  {case.name}: {first[:150]}"

@@ -170,5 +170,154 @@ EXTRA_CASES = [
                                                            "{pkg}/examples/objects/car"], message="idx.obj",
          setup=obj_file("idx.obj", [(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(1, 2, 9)])),
 ]
+
+
+# --------------------------------------------------------------------------- issue 26: signals and full disks
+
+SIGNAL_IN_STEP_3 = """
+import os, signal
+from lift3d.systems.image_to_3d import ImageTo3D
+_step = ImageTo3D.training_step
+def _signalled(self, views, step):
+    if step == 3:
+        for _ in range(TIMES):
+            os.kill(os.getpid(), signal.NAME)
+    return _step(self, views, step)
+ImageTo3D.training_step = _signalled
+"""
+SIGTERM_AT_THE_GLB = """
+import os, signal
+import lift3d.export.mesh as _m
+_glb = _m._write_glb
+def _term(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return _glb(*a, **k)
+_m._write_glb = _term
+"""
+
+
+def signal_in_step(name: str, times: int = 1) -> str:
+    return SIGNAL_IN_STEP_3.replace("TIMES", str(times)).replace("NAME", name)
+
+
+def stopped_with_checkpoint(step: int):
+    """The lock released and ``last.ckpt`` at ``step`` (no temporary files)."""
+    def check(ws, d):
+        if os.path.exists(os.path.join(d, "out", "tiny", "t", LOCK)):
+            return "the lock was left behind"
+        return good_ckpt(step, must_exist=True)(ws, d)
+    return check
+
+
+def export_rolled_back(ws, d):
+    from faultcases import tmp_files_gone, trial_copy_intact
+
+    lock = os.path.join(d, "trial", LOCK)
+    return trial_copy_intact(ws, d) or tmp_files_gone(ws, d) or ("the lock was left behind" if os.path.exists(lock)
+                                                                 else None)
+
+
+def _mount_tmpfs(folder: str) -> str:
+    """Mount a 16 MiB tmpfs at ``folder``; '' or why not."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", folder], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return "" if r.returncode == 0 else (r.stderr.strip() or f"mount exited {r.returncode}")
+
+
+def _can_mount_tmpfs() -> bool:
+    import tempfile
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    probe = tempfile.mkdtemp(prefix="lift3d-tmpfs-probe-")
+    ok = not _mount_tmpfs(probe)
+    if ok:
+        subprocess.run(["umount", "-l", probe], capture_output=True)
+    os.rmdir(probe)
+    return ok
+
+
+def _fill(folder: str, leave: int) -> None:
+    st = os.statvfs(folder)
+    fd = os.open(os.path.join(folder, "filler"), os.O_CREAT | os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, max(st.f_bavail * st.f_frsize - leave, 1))
+    finally:
+        os.close(fd)
+
+
+def full_disk_at(rel: str, leave=lambda trial: 0, with_trial: bool = False):
+    """Setup: a tmpfs at ``<case>/rel`` (holding a copy of the trained trial with ``with_trial``), filled up to
+    ``leave(folder)`` bytes."""
+    def setup(ws, d):
+        import shutil
+
+        folder = os.path.join(d, rel)
+        why = _mount_tmpfs(folder)
+        if why:
+            raise RuntimeError(f"cannot mount a tmpfs at {folder}: {why}")
+        if with_trial:
+            shutil.copytree(ws.trial, folder, dirs_exist_ok=True)
+        _fill(folder, leave(folder))
+    return setup
+
+
+def unmounting(rel: str, check):
+    """``check``, then unmount the case's tmpfs."""
+    def run(ws, d):
+        try:
+            return check(ws, d)
+        finally:
+            subprocess.run(["umount", "-l", os.path.join(d, rel)], capture_output=True)
+    return run
+
+
+def checkpoint_unchanged(ws, d):
+    from faultcases import tmp_files_gone, tree_hashes
+
+    now = tree_hashes(os.path.join(d, "trial", "ckpts"))
+    if now.get("last.ckpt") != ws.hashes.get(os.path.join("ckpts", "last.ckpt")):
+        return "the previous checkpoint changed"
+    return tmp_files_gone(ws, d)
+
+
+def no_trial_folder_nor_lock(ws, d):
+    left = [os.path.join(b, n) for b, _, fs in os.walk(os.path.join(d, "out")) for n in fs if n != "filler"]
+    return no_trial_folder(ws, d) or (f"left {left}" if left else None)
+
+
+TRAIN_8 = ["trainer.max_steps=8", "trainer.val_every=0"]
+SIGNAL_AND_DISK_CASES = [
+    Case("SIGTERM mid-step", L + TRAIN_8 + ["trainer.ckpt_every=0"], expect=143, message="resume=",
+         prelude=signal_in_step("SIGTERM"), check=stopped_with_checkpoint(4)),
+    Case("SIGHUP mid-step", L + TRAIN_8 + ["trainer.ckpt_every=0"], expect=129, message="SIGHUP",
+         prelude=signal_in_step("SIGHUP"), check=stopped_with_checkpoint(4)),
+    Case("Ctrl-C (SIGINT) mid-step waits for the step", L + TRAIN_8 + ["trainer.ckpt_every=0"], expect=130,
+         message="at step 4", prelude=signal_in_step("SIGINT"), check=stopped_with_checkpoint(4)),
+    Case("a second SIGTERM in one step", L + TRAIN_8 + ["trainer.ckpt_every=2"], expect=143,
+         message="previous checkpoint (step 2)", prelude=signal_in_step("SIGTERM", times=2),
+         check=stopped_with_checkpoint(2)),
+    Case("SIGTERM during export", EXPORT, expect=143, message="SIGTERM", setup=copy_trial, prelude=SIGTERM_AT_THE_GLB,
+         check=export_rolled_back),
+]
+if _can_mount_tmpfs():   # a real full disk needs a mount: root, or CAP_SYS_ADMIN in a container
+    SIGNAL_AND_DISK_CASES += [
+        Case("full disk (tmpfs) from the start", L, message="No space left", setup=full_disk_at("out"),
+             check=unmounting("out", no_trial_folder_nor_lock)),
+        Case("full disk (tmpfs) at a checkpoint: torch.save's RuntimeError",
+             ["launch", "--config", "{copy}/configs/parsed.yaml", f"resume={COPY}"] + TRAIN_8,
+             message="previous checkpoint (step 4) is kept", check=unmounting("trial", checkpoint_unchanged),
+             setup=full_disk_at("trial", lambda t: os.path.getsize(os.path.join(t, "ckpts", "last.ckpt")) // 2,
+                                with_trial=True)),
+        Case("full disk (tmpfs) during export", EXPORT, message="left as they were",
+             check=unmounting("trial", export_rolled_back),
+             setup=full_disk_at("trial", lambda t: sum(os.path.getsize(os.path.join(t, "export", n))
+                                                       for n in ("model.png", "model.mtl")) + 8192, with_trial=True)),
+    ]
+EXTRA_CASES += SIGNAL_AND_DISK_CASES
 for _case in EXTRA_CASES:
     _case.listed = False

@@ -1,14 +1,16 @@
+import dataclasses
 import logging
 import subprocess
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from omegaconf import OmegaConf
 
-from lift3d.config import C, load_config, parse_config, parse_overrides, schedulable
+from lift3d.config import C, domain, load_config, number_arg, parse_config, parse_overrides, schedulable
 from lift3d.errors import ConfigError
 
 
@@ -237,3 +239,100 @@ def test_nested_plugin_types_and_default_types_change_too(caplog):
     assert OmegaConf.to_container(switched.system.geometry) == {}
     assert _said(caplog) == ["system.geometry_type: voxel-rf -> hashgrid-nerf; dropped system.geometry.grid_size "
                              "(not keys of hashgrid-nerf)"]
+
+
+# --------------------------------------------------------------------------- domains (issue 26)
+
+
+@dataclass
+class Bounded:
+    lr: float = domain(0.01, gt=0)
+    betas: list = domain([0.9, 0.99], ge=0, lt=1, length=2)
+    span: Optional[list] = domain(None, gt=0, length=2, ordered=True)
+    steps: int = domain(3, ge=1)
+    weight: Any = schedulable(1.0, ge=0)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("lr", 0.0, "> 0"), ("lr", -1, "> 0"), ("betas", [0.9], "2 numbers"), ("betas", [2, 3], "[0, 1)"),
+    ("span", [0, 0], "> 0"), ("span", [3, 1], "low to high"), ("steps", 0, ">= 1"), ("weight", -1, ">= 0"),
+    ("weight", [0, 1.0, -1.0, 100], "each value of the schedule")])
+def test_a_number_outside_its_declared_domain_names_its_key(key, value, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config(Bounded, {key: value}, "system.x")
+    assert str(e.value).startswith(f"system.x.{key} ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_values_inside_their_domains_and_unset_options_pass():
+    cfg = parse_config(Bounded, {"lr": 1e-4, "betas": [0.0, 0.5], "span": [1, 1], "weight": [0, 0.0, 2.0, 10]})
+    assert cfg.lr == 1e-4 and cfg.span == [1, 1] and Bounded().betas is not Bounded().betas
+    assert parse_config(Bounded, {}).span is None
+
+
+def test_number_arg_checks_a_flag_where_it_is_declared(capsys):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lift3d x")
+    p.add_argument("--steps", type=number_arg(int, ge=1, le=1000), default=50)
+    p.add_argument("--scale", type=number_arg(float, ge=0), default=3.0)
+    assert p.parse_args(["--steps", "7"]).steps == 7 and p.parse_args([]).scale == 3.0
+    for argv, words in ((["--steps", "5000"], "argument --steps: must be a number in [1, 1000], got 5000"),
+                        (["--scale", "nan"], "argument --scale: must be a finite number >= 0"),
+                        (["--steps", "1.5"], "argument --steps: expected a whole number")):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+        assert words in capsys.readouterr().err
+
+
+# Numbers any finite value suits (an angle, an offset) or that a plugin checks as a choice (3 or 4 channels).
+ANY_FINITE = {"default_azimuth_deg", "density_shift", "n_feature_dims"}
+
+
+def _numeric_fields(schema, path):
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _numeric_fields(kind, f"{path}.{f.name}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        numbers = kind in (int, float, Optional[int], Optional[float]) or (
+            isinstance(default, (int, float)) and not isinstance(default, bool)) or (
+            isinstance(default, list) and default and all(isinstance(x, (int, float)) for x in default))
+        if numbers and f.name not in ANY_FINITE:
+            yield f"{path}.{f.name}", "domain" in f.metadata or "schedulable" in f.metadata
+
+
+def test_every_number_of_every_config_declares_its_domain():
+    from lift3d import registry
+    from lift3d.config import ExperimentConfig
+
+    registry._load_plugins()
+    schemas = {("experiment", ExperimentConfig)} | {(f"{kind} {name}", cls.Config) for kind, classes in
+                                                    registry._classes.items() for name, cls in classes.items()
+                                                    if hasattr(cls, "Config")}
+    missing = [where for label, schema in sorted(schemas, key=lambda s: s[0])
+               for where, declared in _numeric_fields(schema, label) if not declared]
+    assert not missing, f"numbers without a declared domain (lift3d.config.domain): {missing}"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("system.optimizer.betas=[0.9]", "system.optimizer.betas"), ("system.optimizer.eps=-1", "system.optimizer.eps"),
+    ("seed=-1", "seed"), ("seed=99999999999999", "seed"), ("data.fovy_range=[0,0]", "data.fovy_range"),
+    ("data.camera_distance_range=[0,0]", "data.camera_distance_range"), ("trainer=5", "trainer.max_steps"),
+    ("image=", "image="), ("system.export.min_component_fraction=2", "system.export.min_component_fraction"),
+    ("system.geometry_type=gaussians", None)])
+def test_the_issue_26_numbers_fail_when_the_config_loads(tmp_path, override, key):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\ntrainer: {max_steps: 2, device: cpu}\n")
+    if key is None:     # the Gaussians' fields: prune_opacity in [0, 1), extent > 0, learning rates > 0
+        for bad, name in (("prune_opacity=1", "prune_opacity"), ("extent=0", "extent"), ("scale_lr=0", "scale_lr"),
+                          ("densify_grad_threshold=-1", "densify_grad_threshold")):
+            with pytest.raises(ConfigError, match=f"system.geometry.{name}"):
+                load_config(str(path), [override, f"system.geometry.{bad}"])
+        with pytest.raises(ConfigError, match="system.renderer.tile_size"):
+            load_config(str(path), [override, "system.renderer_type=gaussian-splatting", "system.renderer.tile_size=0"])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), [override])
+    assert key in str(e.value) and "\n" not in str(e.value)

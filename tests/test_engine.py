@@ -117,20 +117,38 @@ def test_every_regulariser_gives_finite_gradients(tmp_path, tiny_config, disc_pn
 
 
 def test_ctrl_c_saves_checkpoint_that_resumes(tmp_path, tiny_config, disc_png, monkeypatch):
-    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=0"))
+    import signal
+
+    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=0", "trainer.max_steps=6"))
     exp = Experiment(cfg)
     real_step = exp.system.training_step
 
-    def interrupt_at_3(views, step):
+    def ctrl_c_in_step_3(views, step):      # a real SIGINT mid-step: the step finishes, then the run stops
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(views, step)
+
+    monkeypatch.setattr(exp.system, "training_step", ctrl_c_in_step_3)
+    with pytest.raises(Interrupted) as e:
+        exp.train()
+    assert load_checkpoint(e.value.ckpt_path)["step"] == 4 and e.value.exit_code == 130
+    assert "resume=" in str(e.value)
+
+
+def test_keyboard_interrupt_inside_a_step_saves_no_half_step(tmp_path, tiny_config, disc_png, monkeypatch):
+    cfg = load_config(tiny_config, overrides(tmp_path, disc_png, "trainer.ckpt_every=2", "trainer.max_steps=6"))
+    exp = Experiment(cfg)
+    real_step = exp.system.training_step
+
+    def interrupt_at_3(views, step):        # what a second Ctrl-C does: stop at once
         if step == 3:
             raise KeyboardInterrupt
         return real_step(views, step)
 
     monkeypatch.setattr(exp.system, "training_step", interrupt_at_3)
-    with pytest.raises(Interrupted) as e:
+    with pytest.raises(Interrupted, match="step 4: stopped there, unsaved; the previous checkpoint \\(step 2\\)") as e:
         exp.train()
-    assert load_checkpoint(e.value.ckpt_path)["step"] == 3
-    assert "resume=" in str(e.value)
+    assert load_checkpoint(e.value.ckpt_path)["step"] == 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config, disc_png, monkeypatch):

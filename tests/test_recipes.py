@@ -134,7 +134,8 @@ def test_a_run_that_does_not_fit_stops_before_the_model_loads(tmp_path, monkeypa
     cfg = load_config("zero123-sjc-cpu", [f"exp_root_dir={tmp_path}", "use_timestamp=false"])
     exp = Experiment(cfg)
     est = preflight.estimate_step_memory(exp.system, exp.data)
-    assert set(est.parts) == {"baseline", "model", "render", "vae", "unet", "margin"} and 0 < est.parts["model"] < 0.1
+    assert set(est.parts) == {"baseline", "reference", "model", "render", "vae", "unet", "margin"}
+    assert 0 < est.parts["model"] < 0.1
     monkeypatch.setattr(preflight, "available_gib", lambda: 1.0)
     monkeypatch.setattr(preflight, "_vm_bytes", lambda key: 0)
     with pytest.raises(UserError, match="lower system.renderer.train_chunk_samples") as e:

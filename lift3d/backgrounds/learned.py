@@ -15,13 +15,14 @@ Learning rate: ``param_groups(lr)`` returns this module's parameters with ``cfg.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.plugin import PluginModule
 from lift3d.registry import register
@@ -31,19 +32,17 @@ from lift3d.registry import register
 class LearnedBackground(PluginModule):
     @dataclass
     class Config:
-        n_channels: int = 3
+        n_channels: int = domain(3, ge=1)
         kind: str = "envmap"                    # envmap | mlp
-        envmap_size: list = field(default_factory=lambda: [4, 8])   # rows (elevation), columns (azimuth)
-        init: list = field(default_factory=list)  # initial values per channel; default grey 0.5 (RGB) / 0 (latent)
-        mlp_neurons: int = 32
-        mlp_frequencies: int = 2
-        lr: Optional[float] = None              # None: the system's learning rate
+        envmap_size: list = domain([4, 8], ge=1, length=2)   # rows (elevation), columns (azimuth)
+        init: list = domain([])                 # initial values per channel; default grey 0.5 (RGB) / 0 (latent)
+        mlp_neurons: int = domain(32, ge=1)
+        mlp_frequencies: int = domain(2, ge=0)
+        lr: Optional[float] = domain(None, gt=0)  # None: the system's learning rate
 
     def __init__(self, cfg=None, path: str = "system.background"):
         super().__init__(cfg, path)
         c = self.cfg
-        if c.n_channels < 1:
-            raise ConfigError(f"{path}.n_channels must be positive, got {c.n_channels}")
         if c.init and len(c.init) != c.n_channels:
             raise ConfigError(f"{path}.init has {len(c.init)} values but n_channels is {c.n_channels}")
         init = torch.tensor([float(v) for v in c.init] if c.init else
@@ -51,8 +50,6 @@ class LearnedBackground(PluginModule):
         if self.rgb:
             init = torch.logit(init.clamp(1e-4, 1 - 1e-4))  # raw values whose sigmoid is the init
         if c.kind == "envmap":
-            if len(c.envmap_size) != 2 or min(c.envmap_size) < 1:
-                raise ConfigError(f"{path}.envmap_size must be [rows, columns], got {c.envmap_size}")
             rows, cols = (int(v) for v in c.envmap_size)
             self.texture = nn.Parameter(init.view(1, -1, 1, 1).repeat(1, 1, rows, cols))
         elif c.kind == "mlp":

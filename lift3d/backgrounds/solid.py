@@ -6,10 +6,11 @@ For a 4-channel latent field give 4 values, e.g. the latent of a white image (3d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.plugin import PluginModule
 from lift3d.registry import register
@@ -19,7 +20,7 @@ from lift3d.registry import register
 class SolidColorBackground(PluginModule):
     @dataclass
     class Config:
-        color: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
+        color: list = domain([1.0, 1.0, 1.0])     # RGB in [0, 1], or 4 latent values
 
     def __init__(self, cfg=None, path: str = "system.background"):
         super().__init__(cfg, path)

@@ -20,10 +20,16 @@ from typing import Optional
 
 import numpy as np
 
+from lift3d.config import Domain, number_arg
 from lift3d.errors import UserError
 from lift3d.utils import io
 
 MESH_PATH = os.path.join("meshes", "model.obj")
+# The render's numbers (render_gso's keywords and render-gso's flags). A camera inside the normalised object's
+# bounding sphere (radius sqrt(3)/2) sees it from within.
+RESOLUTION, VIEWS = Domain(ge=1, le=8192), Domain(ge=1, le=10000)
+ELEVATION, FOVY = Domain(ge=-90, le=90), Domain(gt=0, lt=180)
+DISTANCE = Domain(gt=0.87, why="the camera outside the object's bounding sphere")
 DEPTH_NEAR, DEPTH_FAR = 0.6, 2.4      # SyncDreamer's 16-bit depth PNG range (0 = background)
 
 
@@ -103,11 +109,16 @@ def render_gso(object_dir: str, out_dir: str, *, resolution: Optional[int] = Non
     from lift3d.mesh.io import load_mesh, normalize_mesh
     from lift3d.mesh.raycast import MeshRaycaster
 
-    resolution = resolution or P.EVAL_RESOLUTION
-    n_views = n_views or P.EVAL_N_VIEWS
+    resolution = P.EVAL_RESOLUTION if resolution is None else int(resolution)
+    n_views = P.EVAL_N_VIEWS if n_views is None else int(n_views)
     elevation_deg = P.EVAL_ELEVATION_DEG if elevation_deg is None else float(elevation_deg)
-    distance = distance or P.EVAL_DISTANCE
-    fovy_deg = fovy_deg or P.EVAL_FOVY_DEG
+    distance = P.EVAL_DISTANCE if distance is None else float(distance)
+    fovy_deg = P.EVAL_FOVY_DEG if fovy_deg is None else float(fovy_deg)
+    for flag, value, dom in (("--resolution", resolution, RESOLUTION), ("--views", n_views, VIEWS),
+                             ("--elevation", elevation_deg, ELEVATION), ("--distance", distance, DISTANCE),
+                             ("--fovy", fovy_deg, FOVY)):
+        if dom.problem(value):
+            raise UserError(f"{flag} {dom.problem(value)}")
     source = mesh_path(object_dir)
     mesh, scale, offset = normalize_mesh(load_mesh(source))
     cameras = orbit_views(n_views, elevation_deg, distance, fovy_deg, resolution, resolution)
@@ -160,16 +171,18 @@ def render_main(argv: list) -> int:
                                 "views (RGBA + depth + cameras.json) of a GSO-layout object on the CPU.")
     p.add_argument("--object", required=True, help="object folder (<NAME>/meshes/model.obj inside)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=P.EVAL_RESOLUTION)
-    p.add_argument("--views", type=int, default=P.EVAL_N_VIEWS, help="views evenly spaced in azimuth")
-    p.add_argument("--elevation", type=float, default=P.EVAL_ELEVATION_DEG, help="degrees")
-    p.add_argument("--distance", type=float, default=P.EVAL_DISTANCE)
-    p.add_argument("--fovy", type=float, default=P.EVAL_FOVY_DEG, help="vertical field of view, degrees")
-    p.add_argument("--samples-per-pixel", type=int, default=4, help="a square number (antialiasing)")
+    p.add_argument("--resolution", type=number_arg(int, RESOLUTION), default=P.EVAL_RESOLUTION)
+    p.add_argument("--views", type=number_arg(int, VIEWS), default=P.EVAL_N_VIEWS,
+                   help="views evenly spaced in azimuth")
+    p.add_argument("--elevation", type=number_arg(float, ELEVATION), default=P.EVAL_ELEVATION_DEG,
+                   help="degrees")
+    p.add_argument("--distance", type=number_arg(float, DISTANCE), default=P.EVAL_DISTANCE,
+                   help="camera distance from the object's centre (the object's longest side is 1)")
+    p.add_argument("--fovy", type=number_arg(float, FOVY), default=P.EVAL_FOVY_DEG,
+                   help="vertical field of view, degrees")
+    p.add_argument("--samples-per-pixel", type=number_arg(int, ge=1), default=4, help="a square number (antialiasing)")
     p.add_argument("--shading", choices=("lambert", "albedo"), default="lambert")
     args = p.parse_args(argv)
-    if args.resolution < 1 or args.views < 1:
-        raise UserError("--resolution and --views must be positive")
     k = int(round(args.samples_per_pixel ** 0.5))
     if k < 1 or k * k != args.samples_per_pixel:
         raise UserError(f"--samples-per-pixel must be a square number (1, 4, 9, ...), got {args.samples_per_pixel}")

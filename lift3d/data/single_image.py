@@ -21,11 +21,13 @@ from typing import Any, Optional
 import torch
 
 from lift3d.cameras import Cameras, orbit_views, sample_views
+from lift3d.config import domain
 from lift3d.data.image import ZERO123_FOREGROUND_RATIO, load_reference_image
 from lift3d.data.reference import ReferenceView
 from lift3d.errors import UserError
 from lift3d.plugin import Plugin
 from lift3d.registry import register
+from lift3d.utils.inputs import require_file
 
 
 @register("single-image", "data")
@@ -35,30 +37,30 @@ class SingleImageData(Plugin):
         image_path: str = ""                       # RGBA PNG (or RGB on a plain background)
         gt_mesh: Optional[str] = None              # ground-truth mesh (file or GSO folder): metrics, oracle
         # The reference view.
-        reference_height: int = 256
-        reference_width: int = 256
-        foreground_ratio: Optional[float] = ZERO123_FOREGROUND_RATIO   # null: keep the image's framing
-        default_elevation_deg: float = 0.0
+        reference_height: int = domain(256, ge=1)
+        reference_width: int = domain(256, ge=1)
+        foreground_ratio: Optional[float] = domain(ZERO123_FOREGROUND_RATIO, gt=0, le=1)  # null: keep the framing
+        default_elevation_deg: float = domain(0.0, ge=-90, le=90)
         default_azimuth_deg: float = 0.0
-        default_camera_distance: float = 2.0
-        default_fovy_deg: float = 49.1
+        default_camera_distance: float = domain(2.0, gt=0)
+        default_fovy_deg: float = domain(49.1, gt=0, lt=180)
         # Random guidance views. Ranges are [low, high]; null means "the reference's value".
-        elevation_range: list = field(default_factory=lambda: [-10.0, 80.0])
-        azimuth_range: list = field(default_factory=lambda: [-180.0, 180.0])
-        camera_distance_range: Optional[list] = None
-        fovy_range: Optional[list] = None
-        uniform_sphere_fraction: float = 0.5       # share of each batch with elevation uniform on the sphere
-        batch_size: Any = 1                        # int, or a list indexed by resolution_milestones
-        height: Any = 64
-        width: Any = 64
-        resolution_milestones: list = field(default_factory=list)
+        elevation_range: list = domain([-10.0, 80.0], ge=-90, le=90, length=2, ordered=True)
+        azimuth_range: list = domain([-180.0, 180.0], length=2, ordered=True)
+        camera_distance_range: Optional[list] = domain(None, gt=0, length=2, ordered=True)
+        fovy_range: Optional[list] = domain(None, gt=0, lt=180, length=2, ordered=True)
+        uniform_sphere_fraction: float = domain(0.5, ge=0, le=1)   # share of a batch uniform on the sphere
+        batch_size: Any = domain(1, ge=1)          # int, or a list indexed by resolution_milestones
+        height: Any = domain(64, ge=1)
+        width: Any = domain(64, ge=1)
+        resolution_milestones: list = domain([], ge=1, ordered=True)
         # Evaluation orbits (val images during training, test turntable). null: the reference's value.
-        n_val_views: int = 4
-        n_test_views: int = 40
-        eval_height: int = 256
-        eval_width: int = 256
-        eval_elevation_deg: Optional[float] = None
-        eval_camera_distance: Optional[float] = None
+        n_val_views: int = domain(4, ge=0)
+        n_test_views: int = domain(40, ge=1)
+        eval_height: int = domain(256, ge=1)
+        eval_width: int = domain(256, ge=1)
+        eval_elevation_deg: Optional[float] = domain(None, ge=-90, le=90)
+        eval_camera_distance: Optional[float] = domain(None, gt=0)
 
     def __init__(self, cfg: Any = None, path: str = "data"):
         super().__init__(cfg, path)
@@ -73,22 +75,10 @@ class SingleImageData(Plugin):
                                 f"{list(c.resolution_milestones)} define {n_stages} stages")
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
                 raise UserError(f"{path}.{key} must be a positive integer or a list of them, got {value}")
-        for key in ("reference_height", "reference_width", "eval_height", "eval_width", "n_test_views"):
-            if getattr(c, key) < 1:
-                raise UserError(f"{path}.{key} must be a positive integer, got {getattr(c, key)}")
-        if c.n_val_views < 0:
-            raise UserError(f"{path}.n_val_views must be 0 or more, got {c.n_val_views}")
-        if not c.default_camera_distance > 0 or not 0 < c.default_fovy_deg < 180:
-            raise UserError(f"{path}.default_camera_distance must be positive and {path}.default_fovy_deg in (0, 180), "
-                            f"got {c.default_camera_distance} and {c.default_fovy_deg}")
-        if list(c.resolution_milestones) != sorted(c.resolution_milestones):
-            raise UserError(f"{path}.resolution_milestones must increase, got {list(c.resolution_milestones)}")
-        for key in ("elevation_range", "azimuth_range", "camera_distance_range", "fovy_range"):
-            value = getattr(c, key)
-            if value is not None and (len(value) != 2 or float(value[0]) > float(value[1])):
-                raise UserError(f"{path}.{key} must be [low, high], got {list(value)}")
-        if c.gt_mesh and not os.path.exists(c.gt_mesh):
-            raise UserError(f"ground-truth mesh not found: {c.gt_mesh}; fix gt=PATH (or {path}.gt_mesh)")
+        # The numbers' domains are declared with the fields (lift3d.config.domain) and checked by parse_config.
+        if c.gt_mesh and not os.path.isfile(os.path.join(c.gt_mesh, "meshes", "model.obj")):   # else a GSO folder
+            require_file(c.gt_mesh, "ground-truth mesh", f"fix gt=PATH (or {path}.gt_mesh): a mesh file or a GSO "
+                         "object folder")
         self._reference: Optional[ReferenceView] = None
         self._stage = 0
 
@@ -110,6 +100,9 @@ class SingleImageData(Plugin):
             c = self.cfg
             if not c.image_path:
                 raise UserError(f"{self.path}.image_path is empty; pass image=PATH (an RGBA PNG of the object)")
+            from lift3d.preflight import check_reference_size
+
+            check_reference_size(c.reference_height, c.reference_width)    # a memory bomb stops here, named
             rgba = load_reference_image(c.image_path, (c.reference_height, c.reference_width), c.foreground_ratio)
             self._reference = ReferenceView(rgba, self.reference_camera(), c.image_path)
         return self._reference

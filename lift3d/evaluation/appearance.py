@@ -105,19 +105,20 @@ def gt_view_scores(pred_mesh, gt_mesh, cameras: Optional[Cameras] = None) -> Opt
 def export_reference_view(mesh_path: str, mesh=None) -> Optional[dict]:
     """:func:`reference_view_scores` of a lift3d export, from the input view and camera its export folder
     keeps (``input_view.png``, ``model_info.json``'s ``reference_camera``); None for other meshes."""
-    import json
     import os
 
     from lift3d.export.frame import info_path_for
     from lift3d.export.mesh import INPUT_VIEW
     from lift3d.utils.images import open_image
+    from lift3d.utils.inputs import read_json_object
 
     info_path, image_path = info_path_for(mesh_path), os.path.join(os.path.dirname(mesh_path), INPUT_VIEW)
-    if not (os.path.isfile(info_path) and os.path.isfile(image_path)):
+    if not (os.path.lexists(info_path) and os.path.lexists(image_path)):
         return None
-    with open(info_path) as f:
-        camera = json.load(f).get("reference_camera")
-    if not isinstance(camera, dict):
+    camera = read_json_object(info_path, "mesh info", "fix or delete it (it comes with a lift3d export)").get(
+        "reference_camera")
+    keys = ("elevation_deg", "azimuth_deg", "distance", "fovy_deg")
+    if not isinstance(camera, dict) or not all(isinstance(camera.get(k), (int, float)) for k in keys):
         return None
     if mesh is None:
         from lift3d.mesh.io import load_mesh

@@ -143,6 +143,7 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
         raise UserError("the predicted mesh has no surface points"
                         + (" visible from the evaluation cameras" if proto.points == "visible" else "")
                         + "; is it in the ground truth's normalised frame (longest side 1, centred)?")
+    warnings = _frame_check(pred_mesh, proto)
     gt_points = points(gt_mesh, 0)
     result = {"protocol": proto.describe(), "n_points": int(len(gt_points)), "n_points_gt": int(len(gt_points)),
               "n_points_pred": int(len(pred_points))}
@@ -170,5 +171,48 @@ def evaluate(pred: Union[str, "trimesh.Trimesh"], gt: Union[str, "trimesh.Trimes
         views = gt_view_scores(pred_coloured, gt_coloured)
         if views is not None:
             result["gt_views"] = views
+    if warnings:
+        result["warnings"] = warnings
     result["seconds"] = time.time() - t0
-    return result
+    return check_finite(result, "the scores")
+
+
+def _frame_check(pred_mesh, proto: Protocol) -> list:
+    """Refuse a prediction that lies wholly outside the protocol's frame (the ground truth normalised to longest
+    side 1 at the origin, the volume grid over [-iou_bound, iou_bound]^3): its scores would say nothing, or
+    overflow. A prediction that reaches outside the grid is scored, with a warning (returned, and logged)."""
+    import logging
+
+    lo, hi = np.asarray(pred_mesh.bounds, np.float64)
+    b = proto.iou_bound
+    box = f"[{', '.join(f'{x:.4g}' for x in lo)}] to [{', '.join(f'{x:.4g}' for x in hi)}]"
+    if not proto.icp and (np.any(lo > b) or np.any(hi < -b)):
+        raise UserError(f"the predicted mesh lies outside the {proto.name} protocol's frame (its bounding box is "
+                        f"{box}; the ground truth is normalised to longest side 1 at the origin, scored over "
+                        f"[-{b:g}, {b:g}]^3): put it in that frame, or score it with --protocol surface-icp")
+    if np.any(lo < -b) or np.any(hi > b):
+        message = (f"the predicted mesh reaches outside [-{b:g}, {b:g}]^3 (its bounding box is {box}): the volume "
+                   "IoU does not see that part")
+        logging.getLogger("lift3d").warning("warning: %s", message)
+        return [message]
+    return []
+
+
+def check_finite(scores: dict, what: str = "the scores") -> dict:
+    """``scores`` when every number in it is finite, else one-line :class:`UserError` naming the first that is not
+    (a JSON file cannot hold NaN or infinity, and a mean over runs would silently become one)."""
+    def first_bad(value, key):
+        if isinstance(value, float) and not np.isfinite(value):
+            return key, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            found = first_bad(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+        return None
+
+    bad = first_bad(scores, "")
+    if bad:
+        raise UserError(f"{what} are not finite ({bad[0]} = {bad[1]}): the meshes are too far apart or too large to "
+                        "score; check that the prediction is in the ground truth's frame")
+    return scores

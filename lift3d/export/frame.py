@@ -19,7 +19,6 @@ world frame whatever travels with it: ``<name>_info.json`` next to it (``files``
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -86,12 +85,11 @@ def world_from_file(mesh_path: str, loaded=None) -> Optional[np.ndarray]:
     (OBJ header comment; for glTF, the ``extras`` trimesh put in the ``metadata`` of ``loaded``).
     """
     info = info_path_for(mesh_path)
-    if os.path.isfile(info):
-        try:
-            with open(info) as f:
-                entry = json.load(f).get("files", {}).get(os.path.basename(mesh_path))
-        except (OSError, ValueError, AttributeError):
-            entry = None
+    if os.path.lexists(info):        # a damaged one is refused: scoring in a wrong frame would go unnoticed
+        from lift3d.utils.inputs import read_json_object
+
+        files = read_json_object(info, "mesh info", "fix or delete it (it comes with a lift3d export)").get("files")
+        entry = files.get(os.path.basename(mesh_path)) if isinstance(files, dict) else None
         if isinstance(entry, dict) and "world_from_file" in entry:
             return np.asarray(entry["world_from_file"], dtype=np.float64)
     if mesh_path.lower().endswith(".obj"):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lift3d.config import domain
 from lift3d.errors import UserError
 from lift3d.export.frame import EXTRAS_KEY, UP_AXES, file_from_world, frame_description, info_path_for, marker_text
 from lift3d.utils import io
@@ -37,58 +38,51 @@ UNITS = ("lift3d world units, the object's reference frame: the frame of the cam
 class ExportConfig:
     """``system.export`` in experiment configs."""
 
-    resolution: int = 128                 # density samples per axis over [-radius, radius]^3
+    resolution: int = domain(128, ge=8)   # density samples per axis over [-radius, radius]^3
     level: str = "auto"                   # used when threshold and relative_threshold are None (level.py):
     #   auto: the level whose silhouette best matches the reference view's mask (8 views of the
     #   field's own opacity-1/2 surface when no reference is given); ring: always the 8 views
-    threshold: Optional[float] = None     # absolute density iso-level (wins over everything)
-    relative_threshold: Optional[float] = None  # level = this x mean density (3drec used 8)
+    threshold: Optional[float] = domain(None, gt=0)      # absolute density iso-level (wins over everything)
+    relative_threshold: Optional[float] = domain(None, gt=0)  # level = this x mean density (3drec used 8)
     # Gaussian blur of the density grid, in grid cells, before the level and marching cubes. On the main
     # job's field: 872 marching-cubes pieces -> 26, watertight, xatlas 11 s -> 2 s, volume IoU +0.004.
-    blur_sigma: float = 1.0
+    blur_sigma: float = domain(1.0, ge=0)          # 0: no blur
     smooth: bool = False                  # 3drec smoothing: upsample, box blur, optional erosion
-    upsample: int = 2
-    blur_kernel: int = 7
-    erode: int = 0                        # grey erosion size (3drec used 5); 0: none
+    upsample: int = domain(2, ge=1)
+    blur_kernel: int = domain(7, ge=1)    # odd
+    erode: int = domain(0, ge=0)          # grey erosion size (3drec used 5); 0: none
     # Edit the grid so the surface agrees with the reference mask at the chosen level (mask_fit.py): empty
     # where the input camera sees background, holes and pits under its mask closed, enclosed cavities filled.
     # On the main job's mushroom: see-through 0.09 % -> 0.07 %, silhouette IoU 0.951 -> 0.988, Chamfer
     # 0.0448 -> 0.0441 (benchmarks/RESULTS.md, issue 22).
     fit_mask: bool = True
-    min_component_fraction: float = 0.05  # drop components with less area than this x the largest
-    max_faces: int = 30000                # decimate before xatlas (xatlas time grows fast with faces)
-    texture_size: int = 1024
-    texture_padding: int = 0              # texels between xatlas charts; 0: texture_size / 256, at least 2
+    min_component_fraction: float = domain(0.05, ge=0, le=1)  # drop components with less area than this x the largest
+    max_faces: int = domain(30000, ge=4)  # decimate before xatlas (xatlas time grows fast with faces)
+    texture_size: int = domain(1024, ge=16)
+    texture_padding: int = domain(0, ge=0)  # texels between xatlas charts; 0: texture_size / 256, at least 2
     # views: project renders of the field (decoded, for a latent field) and the input photo onto the surface
     # (view_bake.py) | volume: the field's colour on a short ray along the normal | surface: colour at the point
     bake: str = "views"
-    bake_size: int = 0                    # views: render size of the baked views; 0: the data's eval size
-    input_weight: float = 100.0           # views: the input photo's weight against one rendered view's
-    bake_depth: float = 0.0               # volume: half-length of that ray; 0: two cells of the density grid
-    bake_samples: int = 8
+    bake_size: int = domain(0, ge=0)      # views: render size of the baked views; 0: the data's eval size
+    input_weight: float = domain(100.0, ge=0)  # views: the input photo's weight against one rendered view's
+    bake_depth: float = domain(0.0, ge=0)  # volume: half-length of that ray; 0: two cells of the density grid
+    bake_samples: int = domain(8, ge=1)
     glb: bool = True
     up_axis: str = "y"                    # y: glTF / Blender-import convention (file y = world z, the input
     #                                       view on file +z); z: the world frame
 
 
-def _check(cfg: ExportConfig) -> None:
+def check_export_config(cfg: ExportConfig) -> None:
+    """What the numbers' domains (checked by parse_config) do not say; the system calls it before training too."""
     problems = [
-        (cfg.resolution < 8, "resolution must be >= 8"),
-        (cfg.texture_size < 16, "texture_size must be >= 16"),
-        (cfg.relative_threshold is not None and cfg.relative_threshold <= 0, "relative_threshold must be > 0"),
         (cfg.level not in LEVELS, f"level must be one of {', '.join(LEVELS)}, got '{cfg.level}'"),
         (cfg.up_axis not in UP_AXES, f"up_axis must be one of {', '.join(UP_AXES)}, got '{cfg.up_axis}'"),
-        (cfg.upsample < 1, "upsample must be >= 1"),
-        (cfg.blur_sigma < 0, "blur_sigma must be >= 0 (0: no blur)"),
-        (cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0, "blur_kernel must be odd and >= 1"),
+        (cfg.blur_kernel % 2 == 0, f"blur_kernel must be odd, got {cfg.blur_kernel}"),
         (cfg.bake not in BAKES, f"bake must be one of {', '.join(BAKES)}, got '{cfg.bake}'"),
-        (cfg.bake_size < 0, "bake_size must be >= 0 (0: the data's eval size)"),
-        (not cfg.input_weight >= 0, "input_weight must be >= 0 (0: the input photo is not projected)"),
-        (cfg.bake_samples < 1, "bake_samples must be >= 1"),
     ]
     for bad, message in problems:
         if bad:
-            raise UserError(f"system.export: {message}")
+            raise UserError(f"system.export.{message}")
 
 
 def field_color_fn(geometry, bake: str = "volume", depth: float = 0.02, samples: int = 8):
@@ -148,7 +142,7 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
     from lift3d.export.isosurface import prepare_grid
 
     cfg = parse_config(ExportConfig, cfg, "system.export")
-    _check(cfg)
+    check_export_config(cfg)
     t0 = time.time()
     grid = geometry.density_grid(cfg.resolution)
     grid = grid.detach().cpu().numpy() if hasattr(grid, "detach") else np.asarray(grid)
@@ -167,15 +161,16 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
         log.warning("the field stores latents and no renderer was given to decode them: the exported texture is "
                     "plain grey")
         color_fn = lambda p, n: np.full((len(p), 3), 0.5, np.float32)  # noqa: E731
-    paths = write_textured_mesh(out_dir, vertices, faces, color_fn, texture_size=cfg.texture_size,
-                                padding=cfg.texture_padding, glb=cfg.glb, info=info, up_axis=cfg.up_axis)
-    if reference is not None:    # what lift3d eval needs to score the export from the input camera again
-        paths["input_view"] = os.path.join(out_dir, INPUT_VIEW)
-        io.save_image(paths["input_view"], (reference.rgba.float().cpu().numpy() * 255 + 0.5).astype(np.uint8))
-        info["reference_camera"] = camera_record(reference.camera)
-    info["seconds_total"] = time.time() - t0
-    info["config"] = asdict(cfg)
-    io.write_json(paths["info"], info)
+    with io.all_or_nothing():    # a full disk at model.glb leaves the previous export, not half of a new one
+        paths = write_textured_mesh(out_dir, vertices, faces, color_fn, texture_size=cfg.texture_size,
+                                    padding=cfg.texture_padding, glb=cfg.glb, info=info, up_axis=cfg.up_axis)
+        if reference is not None:    # what lift3d eval needs to score the export from the input camera again
+            paths["input_view"] = os.path.join(out_dir, INPUT_VIEW)
+            io.save_image(paths["input_view"], (reference.rgba.float().cpu().numpy() * 255 + 0.5).astype(np.uint8))
+            info["reference_camera"] = camera_record(reference.camera)
+        info["seconds_total"] = time.time() - t0
+        info["config"] = asdict(cfg)
+        io.write_json(paths["info"], info)
     log.info("export: %d faces, level %.4g (%s), texture coverage %.2f, %.1f s", info["faces"], info["threshold"],
              info["level_method"], info["texture_coverage"], info["seconds_total"])
     return paths
@@ -359,9 +354,7 @@ def _write_glb(path: str, vertices: np.ndarray, normals: np.ndarray, faces: np.n
                            visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
                            metadata={EXTRAS_KEY: {"up_axis": "y", "front": "+z"}})
     data = mesh.export(file_type="glb", include_normals=True, tree_postprocessor=_buffer_view_targets)
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+    io.write_bytes(path, data)
 
 
 def _buffer_view_targets(tree: dict) -> None:

@@ -21,22 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from lift3d.errors import ConfigError
+from lift3d.config import domain
 from lift3d.plugin import PluginModule
 
 
 class BaseGeometry(PluginModule):
     @dataclass
     class Config:
-        radius: float = 1.0
+        radius: float = domain(1.0, gt=0)
 
     n_feature_dims: int = 3
     bytes_per_sample: int = 3300     # the hash grid's, the largest measured: fields that do not say are not under-counted
 
     def __init__(self, cfg=None, path: str = "geometry"):
         super().__init__(cfg, path)
-        if not self.cfg.radius > 0:
-            raise ConfigError(f"{path}.radius must be positive, got {self.cfg.radius}")
 
     @property
     def bbox(self) -> torch.Tensor:

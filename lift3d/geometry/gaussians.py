@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.geometry.base import BaseGeometry
 from lift3d.plugin import StepContext
@@ -43,29 +44,29 @@ STATISTICS = ("grad_accum", "grad_count")
 class Gaussians(BaseGeometry):
     @dataclass
     class Config(BaseGeometry.Config):
-        num_points: int = 5000               # initial Gaussians, uniform in a ball of init_radius
-        init_radius: float = 0.5
-        init_opacity: float = 0.1
+        num_points: int = domain(5000, ge=1)        # initial Gaussians, uniform in a ball of init_radius
+        init_radius: float = domain(0.5, gt=0)      # and at most radius
+        init_opacity: float = domain(0.1, gt=0, lt=1)
         n_feature_dims: int = 3              # RGB (SH degree 0)
         # Learning rates (DreamGaussian's image.yaml, its spatial_lr_scale 10 applied to the means)
-        position_lr: float = 0.01
-        position_lr_final: float = 0.0002
-        position_lr_steps: int = 500
-        color_lr: float = 0.01
-        opacity_lr: float = 0.05
-        scale_lr: float = 0.005
-        rotation_lr: float = 0.005
+        position_lr: float = domain(0.01, gt=0)
+        position_lr_final: float = domain(0.0002, gt=0)
+        position_lr_steps: int = domain(500, ge=1)
+        color_lr: float = domain(0.01, gt=0)
+        opacity_lr: float = domain(0.05, gt=0)
+        scale_lr: float = domain(0.005, gt=0)
+        rotation_lr: float = domain(0.005, gt=0)
         # Adaptive density control
-        densify_from: int = 100
-        densify_until: int = 3000
-        densify_every: int = 100
-        densify_grad_threshold: float = 0.01
-        percent_dense: float = 0.01          # clone below, split above percent_dense x extent
-        extent: float = 4.0
-        prune_opacity: float = 0.01
-        prune_scale: float = 0.4             # world units (DreamGaussian: 0.1 x extent)
-        opacity_reset_every: int = 700
-        max_points: int = 100000
+        densify_from: int = domain(100, ge=0)
+        densify_until: int = domain(3000, ge=0)
+        densify_every: int = domain(100, ge=1)
+        densify_grad_threshold: float = domain(0.01, ge=0)
+        percent_dense: float = domain(0.01, ge=0)   # clone below, split above percent_dense x extent
+        extent: float = domain(4.0, gt=0)
+        prune_opacity: float = domain(0.01, ge=0, lt=1)
+        prune_scale: float = domain(0.4, gt=0)      # world units (DreamGaussian: 0.1 x extent)
+        opacity_reset_every: int = domain(700, ge=1)
+        max_points: int = domain(100000, ge=1)
 
     resizable_parameters = PARAMETERS + STATISTICS
 
@@ -75,11 +76,8 @@ class Gaussians(BaseGeometry):
         if c.n_feature_dims != 3:
             raise ConfigError(f"{path}.n_feature_dims must be 3: the Gaussians store RGB (SH degree 0), "
                               f"got {c.n_feature_dims}")
-        for key in ("num_points", "densify_every", "max_points", "position_lr_steps"):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"{path}.{key} must be at least 1, got {getattr(c, key)}")
-        if not 0 < c.init_opacity < 1 or not 0 < c.init_radius <= c.radius:
-            raise ConfigError(f"{path}.init_opacity must be in (0, 1) and init_radius in (0, radius={c.radius}]")
+        if c.init_radius > c.radius:
+            raise ConfigError(f"{path}.init_radius must be at most {path}.radius ({c.radius}), got {c.init_radius}")
         n = c.num_points
         means = F.normalize(torch.randn(n, 3), dim=-1) * c.init_radius * torch.rand(n, 1) ** (1 / 3)
         self.means = nn.Parameter(means)

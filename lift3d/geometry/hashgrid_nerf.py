@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.geometry.base import BaseGeometry
 from lift3d.geometry.hash_encoding import make_hash_encoding
@@ -40,18 +41,18 @@ class HashGridNeRF(BaseGeometry):
     @dataclass
     class Config(BaseGeometry.Config):
         n_feature_dims: int = 3                 # 3 = RGB in [0, 1]; 4 = Stable-Diffusion latents
-        n_levels: int = 16
-        n_features_per_level: int = 2
-        log2_hashmap_size: int = 19
-        base_resolution: int = 16
-        per_level_scale: float = 1.447269237440378
+        n_levels: int = domain(16, ge=1)
+        n_features_per_level: int = domain(2, ge=1)
+        log2_hashmap_size: int = domain(19, ge=1, le=30)
+        base_resolution: int = domain(16, ge=1)
+        per_level_scale: float = domain(1.447269237440378, ge=1)
         hash_backend: str = "auto"              # auto | torch | tcnn (tcnn needs tinycudann + CUDA)
-        mlp_neurons: int = 64
-        mlp_hidden_layers: int = 1              # threestudio VanillaMLP: Linear-ReLU-Linear
+        mlp_neurons: int = domain(64, ge=1)
+        mlp_hidden_layers: int = domain(1, ge=0)             # threestudio VanillaMLP: Linear-ReLU-Linear
         density_activation: str = "softplus"    # softplus | exp
         density_bias: str = "blob_magic3d"      # blob_magic3d | blob_dreamfusion | a number, e.g. "-1.0"
-        density_blob_scale: float = 10.0
-        density_blob_std: float = 0.5
+        density_blob_scale: float = domain(10.0, ge=0)
+        density_blob_std: float = domain(0.5, gt=0)
 
     def __init__(self, cfg=None, path: str = "system.geometry"):
         super().__init__(cfg, path)

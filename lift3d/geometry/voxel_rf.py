@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.geometry.base import BaseGeometry
 from lift3d.registry import register
@@ -35,7 +36,7 @@ class VoxelRadianceField(BaseGeometry):
 
     @dataclass
     class Config(BaseGeometry.Config):
-        grid_size: int = 100
+        grid_size: int = domain(100, ge=2)
         n_feature_dims: int = 3          # 3 = RGB in [0, 1]; 4 = Stable-Diffusion latents
         density_shift: float = -1.0
         init_color: str = "auto"         # auto (randn for latents, zeros = grey for RGB) | randn | zeros
@@ -45,8 +46,6 @@ class VoxelRadianceField(BaseGeometry):
         c = self.cfg
         if c.n_feature_dims not in (3, 4):
             raise ConfigError(f"{path}.n_feature_dims must be 3 (RGB) or 4 (latent), got {c.n_feature_dims}")
-        if c.grid_size < 2:
-            raise ConfigError(f"{path}.grid_size must be at least 2, got {c.grid_size}")
         if c.init_color not in ("auto", "randn", "zeros"):
             raise ConfigError(f"{path}.init_color must be auto, randn or zeros, got '{c.init_color}'")
         self.n_feature_dims = c.n_feature_dims

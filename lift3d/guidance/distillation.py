@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lift3d.config import domain
 from lift3d.errors import UserError
 from lift3d.guidance.base import BaseGuidance, GuidanceContext
 from lift3d.priors.zero123 import check_choice
@@ -49,7 +50,7 @@ class ScoreDistillation(BaseGuidance):
         prior_type: str = "zero123"
         prior: dict = field(default_factory=dict)
         render_space: str = "auto"             # auto | rgb | latent (see module docstring)
-        encode_chunk: int = 1                  # images per VAE-encoder pass (see latents())
+        encode_chunk: int = domain(1, ge=1)    # images per VAE-encoder pass (see latents())
 
     def __init__(self, cfg: Any = None, path: str = "system.guidance"):
         super().__init__(cfg, path)

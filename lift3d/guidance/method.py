@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lift3d.config import C, schedulable
+from lift3d.config import C, domain, schedulable
 from lift3d.errors import UserError
 from lift3d.plugin import Plugin
 
@@ -22,10 +22,10 @@ from lift3d.plugin import Plugin
 class DistillationMethod(Plugin):
     @dataclass
     class Config:
-        guidance_scale: float = 3.0                # classifier-free guidance scale
-        min_step_percent: Any = schedulable(0.02)  # noise levels, as a share of the prior's T timesteps
-        max_step_percent: Any = schedulable(0.98)
-        grad_clip: Any = schedulable(0.0)          # clamp the per-element gradient to ±value; 0: off
+        guidance_scale: float = domain(3.0, ge=0)  # classifier-free guidance scale
+        min_step_percent: Any = schedulable(0.02, ge=0, le=1)  # noise levels, as a share of the prior's T timesteps
+        max_step_percent: Any = schedulable(0.98, ge=0, le=1)
+        grad_clip: Any = schedulable(0.0, ge=0)    # clamp the per-element gradient to ±value; 0: off
 
     #: how a share p of the T timesteps becomes an index: "floor" (threestudio) or "round"
     step_rounding: str = "round"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lift3d.config import C, schedulable
+from lift3d.config import C, domain, schedulable
 from lift3d.errors import UserError
 from lift3d.guidance.base import BaseGuidance, GuidanceContext
 from lift3d.registry import register
@@ -31,14 +31,14 @@ class MultiviewOracle(BaseGuidance):
     class Config:
         mesh_path: str = ""              # empty: the run's ground-truth mesh (gt=PATH)
         normalize: bool = True           # longest side 1, centred at the origin
-        mask_weight: Any = schedulable(1.0)
+        mask_weight: Any = schedulable(1.0, ge=0)
         # L1 on the expected ray distance where the ground truth is covered, relative to the true
         # distance. Colour and mask alone cannot tell a hollow from a filled concavity of the same
         # colour (the inside of a cup); the depth of a multi-view RGB-D render can.
-        depth_weight: Any = schedulable(0.0)
+        depth_weight: Any = schedulable(0.0, ge=0)
         shading: str = "lambert"         # albedo | lambert (fixed world light, view-independent)
-        samples_per_pixel: int = 1       # k*k rays per pixel for antialiased edges
-        cache_views: int = 64            # ground-truth renders kept for repeated cameras (0: none)
+        samples_per_pixel: int = domain(1, ge=1)  # k*k rays per pixel for antialiased edges
+        cache_views: int = domain(64, ge=0)       # ground-truth renders kept for repeated cameras (0: none)
 
     render_space = "rgb"
 

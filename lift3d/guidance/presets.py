@@ -28,7 +28,8 @@ from lift3d.registry import register
 
 
 def flat_config(name: str, *schemas: type, extra: tuple = ()) -> type:
-    """One dataclass with the fields of ``schemas`` (earlier ones win) and ``extra`` fields."""
+    """One dataclass with the fields of ``schemas`` (earlier ones win) and ``extra`` fields
+    ``(name, type, default[, metadata])``."""
     fields, seen = [], set()
     for schema in schemas:
         types = typing.get_type_hints(schema)  # real types, not the strings of postponed annotations
@@ -38,7 +39,7 @@ def flat_config(name: str, *schemas: type, extra: tuple = ()) -> type:
                 default = {"default": f.default} if f.default is not dataclasses.MISSING else \
                     {"default_factory": f.default_factory}
                 fields.append((f.name, types[f.name], dataclasses.field(metadata=f.metadata, **default)))
-    fields += [(n, t, dataclasses.field(default=d)) for n, t, d in extra]
+    fields += [(n, t, dataclasses.field(default=d, metadata=m[0] if m else {})) for n, t, d, *m in extra]
     return dataclasses.make_dataclass(name, fields)
 
 
@@ -62,7 +63,8 @@ class FlatPreset(ScoreDistillation):
 
 # The guidance's own keys, with ScoreDistillation's types and defaults (one place to change them).
 _GUIDANCE_TYPES = typing.get_type_hints(ScoreDistillation.Config)
-RENDER_SPACE, ENCODE_CHUNK = ((f.name, _GUIDANCE_TYPES[f.name], f.default) for f in dataclasses.fields(ScoreDistillation.Config)
+RENDER_SPACE, ENCODE_CHUNK = ((f.name, _GUIDANCE_TYPES[f.name], f.default, f.metadata)     # with its domain
+                              for f in dataclasses.fields(ScoreDistillation.Config)
                               if f.name in ("render_space", "encode_chunk"))
 
 

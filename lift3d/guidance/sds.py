@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lift3d.config import schedulable
+from lift3d.config import domain, schedulable
 from lift3d.guidance.method import DistillationMethod
 from lift3d.registry import register
 
@@ -19,9 +19,9 @@ from lift3d.registry import register
 class SDS(DistillationMethod):
     @dataclass
     class Config(DistillationMethod.Config):
-        guidance_scale: float = 3.0
-        min_step_percent: Any = schedulable(0.02)
-        max_step_percent: Any = schedulable(0.98)
+        guidance_scale: float = domain(3.0, ge=0)
+        min_step_percent: Any = schedulable(0.02, ge=0, le=1)
+        max_step_percent: Any = schedulable(0.98, ge=0, le=1)
 
     step_rounding = "floor"  # threestudio: int(T * p)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lift3d.config import schedulable
+from lift3d.config import domain, schedulable
 from lift3d.guidance.method import DistillationMethod
 from lift3d.registry import register
 
@@ -29,9 +29,9 @@ from lift3d.registry import register
 class SJC(DistillationMethod):
     @dataclass
     class Config(DistillationMethod.Config):
-        guidance_scale: float = 100.0              # "much higher than usual" (3drec)
-        min_step_percent: Any = schedulable(0.01)  # with max 0.969: 3drec's us[30:-10]
-        max_step_percent: Any = schedulable(0.969)
+        guidance_scale: float = domain(100.0, ge=0)  # "much higher than usual" (3drec)
+        min_step_percent: Any = schedulable(0.01, ge=0, le=1)  # with max 0.969: 3drec's us[30:-10]
+        max_step_percent: Any = schedulable(0.969, ge=0, le=1)
         var_red: bool = True                       # PAAS score (D − y)/σ; False: (D − z_s)/σ
 
     @staticmethod

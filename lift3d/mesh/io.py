@@ -33,6 +33,9 @@ _TEXTURE_FOLDERS = (".", "..", "textures", "../textures", "../../textures", "../
                     "materials/textures")
 
 
+MAX_COORDINATE = 1e9     # a mesh vertex further out than this from the origin is refused (millimetres: 1000 km)
+
+
 def load_mesh(path: str, normalize: bool = False):
     """Load ``path`` as one ``trimesh.Trimesh`` (scene parts merged, scene transforms applied).
 
@@ -46,8 +49,9 @@ def load_mesh(path: str, normalize: bool = False):
 
     if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "meshes", "model.obj")):
         path = os.path.join(path, "meshes", "model.obj")  # a Google-Scanned-Objects folder
-    if not path or not os.path.isfile(path):
-        raise UserError(f"mesh file not found: {path!r}; pass an .obj/.glb/.ply file or a GSO object folder")
+    from lift3d.utils.inputs import require_file
+
+    require_file(path, "mesh file", "pass an .obj/.glb/.ply file or a GSO object folder (<NAME>/meshes/model.obj)")
     try:
         loaded = trimesh.load(path, process=False)  # processing would silently drop NaN vertices: check first
     except Exception as e:  # trimesh raises many types (ValueError, KeyError, parse errors...)
@@ -58,6 +62,10 @@ def load_mesh(path: str, normalize: bool = False):
             bad = int((~np.isfinite(np.asarray(part.vertices))).any(1).sum())
             if bad:
                 raise UserError(f"mesh {path} has {bad} vertices that are not finite (NaN or inf); fix or re-export it")
+            peak = float(np.abs(np.asarray(part.vertices)).max(initial=0.0))
+            if peak > MAX_COORDINATE:       # beyond any unit a mesh is written in; its areas and distances overflow
+                raise UserError(f"mesh {path} has coordinates up to {peak:.3g}, more than {MAX_COORDINATE:g}: it "
+                                "cannot be measured (its areas and distances overflow); fix or re-export it")
             part.process()  # what trimesh.load does by default: merge duplicate vertices
 
     parts = _mesh_parts(loaded)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from lift3d.config import Domain, domain
 from lift3d.errors import ConfigError, UserError
 from lift3d.priors import self_prompts
 from lift3d.priors.zero123 import ASSETS, BUNDLED_MODEL, Zero123Prior, check_choice, resolve_model_path
@@ -30,6 +31,7 @@ from lift3d.utils.images import resize
 
 BUNDLED_REFINER = os.path.join(ASSETS, "cascade-mini-refiner")
 COARSE_TOKENS = ("none", "render", "estimate")
+NEARBY = Domain(length=3)        # one self-prompt view: [Δelevation°, Δazimuth°, Δdistance]
 
 
 @register("cascade-zero123", "prior")
@@ -39,8 +41,8 @@ class CascadeZero123Prior(Zero123Prior):
         # pretrained_model_name_or_path is the *base* model (empty: the bundled mini).
         refiner_name_or_path: str = ""         # empty: the bundled mini refiner (needs the bundled base)
         nearby_views: Optional[list] = None    # [[Δelev°, Δazim°, Δdist], ...]; None: the refiner's cascade.json
-        prompt_steps: int = 50                 # DDIM steps of the self-prompts (eta 0)
-        prompt_scale: float = 3.0              # their CFG scale (the paper: 3.0)
+        prompt_steps: int = domain(50, ge=1, le=1000)  # DDIM steps of the self-prompts (eta 0)
+        prompt_scale: float = domain(3.0, ge=0)        # their CFG scale (the paper: 3.0)
         prompt_cache_dir: str = ""             # "": $LIFT3D_CACHE_DIR or ~/.cache/lift3d; "none": trial folder only
         coarse_token: str = "none"             # none | render | estimate (module docstring)
 
@@ -49,6 +51,10 @@ class CascadeZero123Prior(Zero123Prior):
         check_choice(path, "coarse_token", self.cfg.coarse_token, COARSE_TOKENS)
         if self.cfg.pose_variant != "zero123":
             raise ConfigError(f"{path}.pose_variant: Cascade-Zero123 refiners use the zero123 pose vector")
+        views = self.cfg.nearby_views
+        if views is not None and (not views or any(NEARBY.problem(list(v)) for v in views)):
+            raise ConfigError(f"{path}.nearby_views must be a list of [Δelevation°, Δazimuth°, Δdistance] triples, "
+                              f"got {views}")
         self.base = None
 
     def weight_paths(self) -> list:
@@ -78,12 +84,13 @@ class CascadeZero123Prior(Zero123Prior):
         device = torch.device(context.device)
         base_path = resolve_model_path(self.cfg.pretrained_model_name_or_path)
         refiner_path = self.refiner_path(base_path)
+        layout = CascadeLayout.load(refiner_path, required=True)    # a plain Zero123 folder is refused
         self.base = self.load_model(base_path, device)
         self.model = self.load_model(refiner_path, device)
         if self.model.image_size != self.base.image_size:
             raise UserError(f"the refiner takes {self.model.image_size} px images but the base "
                             f"{self.base.image_size} px; pair a refiner with the base it was trained from")
-        offsets = self.cfg.nearby_views or CascadeLayout.load(refiner_path).nearby
+        offsets = self.cfg.nearby_views or layout.nearby
         self.set_reference(reference)
         self.prompt_images, self.prompt_views = self.self_prompts(reference, offsets, base_path)
         self.refresh_condition()

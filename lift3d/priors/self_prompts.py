@@ -5,7 +5,6 @@ folder (so a resume reuses them) and in a shared cache (so a re-run of the same 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,8 +35,13 @@ def load_prompts(folder: Optional[str], key: str, n: int) -> Optional[torch.Tens
     """The cached prompts (n, 3, S, S) in ``folder`` if they are complete and have this key."""
     if not folder or not os.path.isfile(os.path.join(folder, "prompts.json")):
         return None
-    with open(os.path.join(folder, "prompts.json")) as f:
-        meta = json.load(f)
+    from lift3d.errors import UserError
+    from lift3d.utils.inputs import read_json_object
+
+    try:
+        meta = read_json_object(os.path.join(folder, "prompts.json"), "self-prompt cache")
+    except UserError:           # a damaged cache is made again
+        return None
     paths = [os.path.join(folder, f"prompt_{i:02d}.png") for i in range(n)]
     if meta.get("key") != key or not all(os.path.isfile(p) for p in paths):
         return None

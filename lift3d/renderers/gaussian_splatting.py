@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lift3d.cameras import Cameras
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.plugin import MemoryPlan, PluginModule
 from lift3d.registry import register
@@ -32,12 +33,12 @@ PAIRS_PER_PIXEL = 60
 class GaussianSplatting(PluginModule):
     @dataclass
     class Config:
-        background_depth: float = 10.0       # depth of the uncovered part of a pixel (the volume renderer's)
-        near_plane: float = 0.01
-        eps2d: float = 0.3                    # the 2D low-pass filter added to each projected covariance
+        background_depth: float = domain(10.0, gt=0)  # depth of the uncovered part of a pixel (the volume renderer's)
+        near_plane: float = domain(0.01, gt=0)
+        eps2d: float = domain(0.3, ge=0)      # the 2D low-pass filter added to each projected covariance
         antialiased: bool = False
         backend: str = "auto"                 # auto: gsplat for CUDA tensors when installed, else PyTorch
-        tile_size: int = 16
+        tile_size: int = domain(16, ge=1, le=1024)
 
     def __init__(self, cfg=None, geometry=None, background=None, path: str = "system.renderer"):
         super().__init__(cfg, path)
@@ -77,9 +78,16 @@ class GaussianSplatting(PluginModule):
 
     def memory_estimate(self, plan: MemoryPlan) -> dict:
         """The largest step's pixel-Gaussian pairs held for backward (one recomputed chunk past the limit)."""
-        worst = 0
+        worst, shares = 0, {}
         for renders in plan.stages:
             pairs = sum(views * h * w * PAIRS_PER_PIXEL for _, views, h, w in renders)
-            worst = max(worst, min(pairs, gaussian_raster.RECOMPUTE_PAIRS))
+            if min(pairs, gaussian_raster.RECOMPUTE_PAIRS) >= worst:
+                worst = min(pairs, gaussian_raster.RECOMPUTE_PAIRS)
+                shares = {}
+                for name, views, h, w in renders:       # which setting sizes the most pairs of the worst stage
+                    key = "data.reference_height/width" if name == "reference" else "data.height/width"
+                    shares[key] = (shares.get(key, (0, h))[0] + views * h * w, h)
         gib = worst * BYTES_PER_PAIR / 2 ** 30
-        return {"render": (gib, f"data.height/width (now {plan.stages[-1][-1][2] if plan.stages else '?'})")}
+        order = sorted(shares.items(), key=lambda kv: -kv[1][0])
+        setting = " or ".join(f"{key} (now {h})" for key, (_, h) in order) or "data.height/width"
+        return {"render": (gib, setting)}

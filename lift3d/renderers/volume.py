@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from lift3d.cameras import Cameras
+from lift3d.config import domain
 from lift3d.errors import ConfigError
 from lift3d.plugin import MemoryPlan, PluginModule
 from lift3d.registry import register
@@ -88,31 +89,29 @@ class _Parts:
 class VolumeRenderer(PluginModule):
     @dataclass
     class Config:
-        num_samples_per_ray: int = 128
-        near_plane: float = 0.0              # samples start at least this far from the camera
-        background_depth: float = 10.0       # depth given to the uncovered part of a pixel
-        normal_eps: float = 0.01             # finite-difference step for normals (world units)
-        normal_weight_threshold: float = 1e-4  # normals only where a sample's weight exceeds this
-        eval_chunk_rays: int = 8192          # rays per chunk when rendering without gradients / in eval
+        num_samples_per_ray: int = domain(128, ge=1)
+        near_plane: float = domain(0.0, ge=0)       # samples start at least this far from the camera
+        background_depth: float = domain(10.0, gt=0)  # depth given to the uncovered part of a pixel
+        normal_eps: float = domain(0.01, gt=0)      # finite-difference step for normals (world units)
+        normal_weight_threshold: float = domain(1e-4, ge=0)  # normals only where a sample's weight exceeds this
+        eval_chunk_rays: int = domain(8192, ge=1)   # rays per chunk when rendering without gradients / in eval
         # Training renders of more than this many samples (rays x num_samples_per_ray) go in chunks whose
         # graph is recomputed in the backward pass (activation checkpointing): the peak memory of a step
         # stays that of one chunk whatever the resolution, at the cost of a second field forward. 0: never.
-        train_chunk_samples: int = 2 ** 21
+        train_chunk_samples: int = domain(2 ** 21, ge=0)
         use_occupancy_grid: bool = True
-        occ_resolution: int = 64
-        occ_update_every: int = 16           # steps between grid refreshes
-        occ_warmup_steps: int = 0            # no skipping before this step (threestudio skips from step 0)
-        occ_alpha_threshold: float = 0.01
-        occ_ema_decay: float = 0.95
-        occ_dilation: int = 1                # cells of dilation around occupied cells
+        occ_resolution: int = domain(64, ge=1)
+        occ_update_every: int = domain(16, ge=1)    # steps between grid refreshes
+        occ_warmup_steps: int = domain(0, ge=0)     # no skipping before this step (threestudio skips from step 0)
+        occ_alpha_threshold: float = domain(0.01, ge=0, le=1)
+        occ_ema_decay: float = domain(0.95, ge=0, le=1)
+        occ_dilation: int = domain(1, ge=0)         # cells of dilation around occupied cells
 
     def __init__(self, cfg=None, geometry=None, background=None, path: str = "system.renderer"):
         super().__init__(cfg, path)
         if geometry is None or background is None:
             raise ValueError("VolumeRenderer needs geometry= and background=")
         c = self.cfg
-        if c.num_samples_per_ray < 1:
-            raise ConfigError(f"{path}.num_samples_per_ray must be at least 1, got {c.num_samples_per_ray}")
         n_bg = getattr(background, "n_channels", None)
         if n_bg is not None and n_bg != geometry.n_feature_dims:
             raise ConfigError(f"the background has {n_bg} channels but the geometry has {geometry.n_feature_dims} "

@@ -21,7 +21,6 @@ Generated sources (object ids): ``proc-NNNNN`` procedural shapes (:mod:`lift3d.t
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Callable, Optional
 
@@ -30,6 +29,7 @@ import torch
 
 from lift3d.cameras import Cameras, sample_views
 from lift3d.errors import UserError
+from lift3d.utils.inputs import read_json_object
 from lift3d.utils.io import save_image, write_json
 
 FOVY_DEG = 49.13                     # Zero123 / SyncDreamer renders
@@ -175,10 +175,9 @@ def read_object(folder: str) -> tuple[np.ndarray, dict]:
     import imageio.v3 as iio
 
     path = os.path.join(folder, "cameras.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"{folder} has no cameras.json; see lift3d/training/data.py for the dataset layout")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json_object(path, "cameras file", "see lift3d/training/data.py for the dataset layout", keys=("views",))
     images = []
     for v in meta["views"]:
         img = iio.imread(os.path.join(folder, v["file"]))
@@ -204,11 +203,13 @@ class MultiViewSet:
 
     def __init__(self, root: str, split: str = "train", limit: Optional[int] = None):
         path = os.path.join(root, "split.json")
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise UserError(f"no split.json in {root}; generate data with `lift3d train-zero123 --make-data` "
                             "or write the layout described in lift3d/training/data.py")
-        with open(path) as f:
-            ids = json.load(f)[split][:limit]
+        splits = read_json_object(path, "dataset split", "see lift3d/training/data.py for the layout")
+        if not isinstance(splits.get(split, []), list):
+            raise UserError(f"{path}: split {split!r} must be a list of object folders")
+        ids = splits.get(split, [])[:limit]
         if not ids:
             raise UserError(f"split {split!r} of {root} is empty")
         images, positions, self.bench = [], [], {}

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from lift3d.utils.io import write_text
+from lift3d.errors import UserError
+from lift3d.utils.io import UnsafeCheckpoint, load_torch, write_text
 
 PROJECTION_LR_FACTOR = 10  # Zero123 trains the camera projection at 10x the base learning rate
 
@@ -174,3 +175,18 @@ class TrainLoop:
                 on_step(self.step, last)
         bar.close()
         self.elapsed = time.time() - t0
+
+
+def load_run_checkpoint(path: str, keys: tuple = ()) -> dict:
+    """A checkpoint of a train-zero123 / train-cascade run (or one of its caches), read through the project's
+    loader: no pickled code runs, and a damaged file, a folder or a FIFO ends as one line naming it, as does a
+    file without the entries ``keys``."""
+    try:
+        ckpt = load_torch(path)
+    except UnsafeCheckpoint as e:
+        raise UserError(f"{e}; it is not a checkpoint of this command") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this command (no {', '.join(repr(k) for k in missing)}); "
+                        "--out must be this command's run folder")
+    return ckpt

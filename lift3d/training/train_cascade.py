@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lift3d.config import number_arg
 from lift3d.errors import UserError
-from lift3d.training.loop import TrainLoop, named_params, replace_model_folder
+from lift3d.training.loop import TrainLoop, load_run_checkpoint, named_params, replace_model_folder
 from lift3d.training.train_zero123 import encode_dataset
 from lift3d.utils.io import save_torch
 
@@ -53,26 +54,26 @@ def parse_args(argv):
     p.add_argument("--base-out", default=None, help="also save the self-distilled base here")
     p.add_argument("--nearby", default="0,45,0;0,-45,0;30,0,0",
                    help="self-prompt offsets 'Δelev,Δazim,Δdist;...' in degrees (default: the paper's)")
-    p.add_argument("--sources", type=int, default=3, help="source views per object that get self-prompts")
-    p.add_argument("--prompt-steps", type=int, default=10)
-    p.add_argument("--prompt-scale", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=24)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the refiner's weights (what is saved)")
-    p.add_argument("--momentum", type=float, default=0.999, help="self-distillation: base <- m base + (1-m) refiner")
-    p.add_argument("--coarse-prob", type=float, default=0.5, help="share of samples with a coarse-target token")
+    p.add_argument("--sources", type=number_arg(int, ge=1), default=3, help="source views per object that get self-prompts")
+    p.add_argument("--prompt-steps", type=number_arg(int, ge=1, le=1000), default=10)
+    p.add_argument("--prompt-scale", type=number_arg(float, ge=0), default=3.0)
+    p.add_argument("--steps", type=number_arg(int, ge=0), default=3000)
+    p.add_argument("--max-minutes", type=number_arg(float, gt=0), default=None)
+    p.add_argument("--batch-size", type=number_arg(int, ge=1), default=24)
+    p.add_argument("--lr", type=number_arg(float, gt=0), default=1e-4)
+    p.add_argument("--warmup", type=number_arg(int, ge=0), default=100)
+    p.add_argument("--ema-decay", type=number_arg(float, ge=0, le=1), default=0.998, help="EMA of the refiner's weights (what is saved)")
+    p.add_argument("--momentum", type=number_arg(float, ge=0, le=1), default=0.999, help="self-distillation: base <- m base + (1-m) refiner")
+    p.add_argument("--coarse-prob", type=number_arg(float, ge=0, le=1), default=0.5, help="share of samples with a coarse-target token")
     p.add_argument("--coarse-source", choices=("sample", "estimate"), default="sample",
                    help="the coarse token: the base's DDIM view of the target (the paper; made once) or its "
                         "one-step estimate of the noisy target (online)")
     p.add_argument("--train-image-encoder", action="store_true",
                    help="train the refiner's image encoder too (it embeds the prompts; frozen in the paper's code)")
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit-objects", type=int, default=None)
+    p.add_argument("--ckpt-every", type=number_arg(int, ge=1), default=200)
+    p.add_argument("--threads", type=number_arg(int, ge=1, le=4096), default=2)
+    p.add_argument("--seed", type=number_arg(int, ge=0, lt=2 ** 32), default=0)
+    p.add_argument("--limit-objects", type=number_arg(int, ge=1), default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpts/last.ckpt")
     args = p.parse_args(argv)
     try:
@@ -99,8 +100,8 @@ def cached_base_views(base, data, args, name: str, targets_of, log, salt: int = 
     key = {"base": weights_fingerprint(base), "what": name, "targets": first.tolist(), "sources": s,
            "steps": args.prompt_steps, "scale": args.prompt_scale, "seed": args.seed, "objects": list(data.ids)}
     path = os.path.join(args.out, f"{name}.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
-    if state.get("key") != key:
+    state = load_run_checkpoint(path) if os.path.lexists(path) else {}
+    if not isinstance(state, dict) or state.get("key") != key:
         size = data.images.shape[-1]
         state = {"key": key, "done": 0, "images": torch.zeros(n, s, p, 3, size, size, dtype=torch.uint8)}
     t0, chunk = time.time(), max(1, 64 // (s * max(1, p // 3)))
@@ -248,6 +249,11 @@ def train_cascade(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[train-cascade {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    ckpt_path = os.path.join(args.out, "ckpts", "last.ckpt")      # read first: a bad one fails before any work
+    if args.resume:
+        if not os.path.lexists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+        ckpt = load_run_checkpoint(ckpt_path, ("refiner", "base"))
     base = Zero123Model.from_pretrained(args.base, torch_dtype=torch.float32)
     data = MultiViewSet(args.data, "train", limit=args.limit_objects)
     if base.image_size != data.size:
@@ -265,11 +271,7 @@ def train_cascade(argv=None) -> int:
                      steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, out=args.out,
                      ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, desc="refiner")
     base_params = named_params({name: getattr(base, name) for name in names})
-    ckpt_path = os.path.join(args.out, "ckpts", "last.ckpt")
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for params, saved in ((loop.params, ckpt["refiner"]), (base_params, ckpt["base"])):
             for name, p in params.items():
                 p.data.copy_(saved[name])

@@ -26,8 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lift3d.config import number_arg
 from lift3d.errors import UserError
-from lift3d.training.loop import TrainLoop, named_params, replace_model_folder
+from lift3d.training.loop import TrainLoop, load_run_checkpoint, named_params, replace_model_folder
 from lift3d.training.vae_stage import load_decoder, train_decoder, train_vae
 from lift3d.utils.io import save_torch
 
@@ -41,38 +42,38 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="run folder: checkpoints, sample grids, loss log")
     p.add_argument("--model-out", default=None, help="final model folder (default OUT/model)")
     p.add_argument("--make-data", action="store_true", help="generate the procedural/pybullet dataset into --data first")
-    p.add_argument("--n-procedural", type=int, default=600)
-    p.add_argument("--n-urdf", type=int, default=300)
+    p.add_argument("--n-procedural", type=number_arg(int, ge=0), default=600)
+    p.add_argument("--n-urdf", type=number_arg(int, ge=0), default=300)
     p.add_argument("--size", default="mini", choices=["mini", "tiny"], help="architecture preset when training from scratch")
     p.add_argument("--from-pretrained", default=None, help="fine-tune this Zero123 model instead of training from scratch")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-minutes", type=float, default=None, help="stop the VAE stage after this much wall time")
-    p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only refinement steps after the diffusion stage")
-    p.add_argument("--decoder-minutes", type=float, default=None)
+    p.add_argument("--vae-steps", type=number_arg(int, ge=0), default=1500)
+    p.add_argument("--vae-minutes", type=number_arg(float, gt=0), default=None, help="stop the VAE stage after this much wall time")
+    p.add_argument("--decoder-steps", type=number_arg(int, ge=0), default=0, help="decoder-only refinement steps after the diffusion stage")
+    p.add_argument("--decoder-minutes", type=number_arg(float, gt=0), default=None)
     p.add_argument("--decoder-only", action="store_true",
                    help="run only the decoder stage on OUT/ckpts/last.ckpt's VAE (may run beside the diffusion stage)")
-    p.add_argument("--steps", type=int, default=20000, help="diffusion steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop the diffusion stage after this much wall time")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--vae-batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--vae-chroma-weight", type=float, default=10.0,
+    p.add_argument("--steps", type=number_arg(int, ge=0), default=20000, help="diffusion steps")
+    p.add_argument("--max-minutes", type=number_arg(float, gt=0), default=None, help="stop the diffusion stage after this much wall time")
+    p.add_argument("--batch-size", type=number_arg(int, ge=1), default=32)
+    p.add_argument("--vae-batch-size", type=number_arg(int, ge=1), default=16)
+    p.add_argument("--lr", type=number_arg(float, gt=0), default=2e-4)
+    p.add_argument("--vae-lr", type=number_arg(float, gt=0), default=1e-3)
+    p.add_argument("--kl-weight", type=number_arg(float, ge=0), default=1e-6)
+    p.add_argument("--vae-chroma-weight", type=number_arg(float, ge=0), default=10.0,
                    help="weight of the colour (pixel minus its grey level) MSE in the VAE loss")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=number_arg(float, ge=0, le=1), default=0.999)
+    p.add_argument("--warmup", type=number_arg(int, ge=0), default=200)
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
                    help="after the warm-up: cosine decay to 10%% at --steps, or constant")
-    p.add_argument("--sample-every", type=int, default=1000, help="sample-grid interval in steps (0: never)")
-    p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--sample-every", type=number_arg(int, ge=0), default=1000, help="sample-grid interval in steps (0: never)")
+    p.add_argument("--ckpt-every", type=number_arg(int, ge=1), default=250)
+    p.add_argument("--threads", type=number_arg(int, ge=1, le=4096), default=2,
                    help="torch threads; use 1 on a machine whose cores are busy with other jobs (much faster there)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number_arg(int, ge=0, lt=2 ** 32), default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpts/last.ckpt")
     p.add_argument("--export-only", action="store_true",
                    help="write --model-out from OUT/ckpts/last.ckpt (EMA weights) and exit, e.g. during a run")
-    p.add_argument("--limit-objects", type=int, default=None, help="use only the first N training objects")
+    p.add_argument("--limit-objects", type=number_arg(int, ge=1), default=None, help="use only the first N training objects")
     return p.parse_args(argv)
 
 
@@ -122,10 +123,14 @@ def model_state(model) -> dict:
             for k, v in getattr(model, name).state_dict().items()}
 
 
-def load_model_state(model, state: dict) -> None:
+def load_model_state(model, state: dict, path: str = "the checkpoint") -> None:
     for name in ("unet", "vae", "image_encoder", "projection"):
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        getattr(model, name).load_state_dict(sub)
+        try:
+            getattr(model, name).load_state_dict(sub)
+        except RuntimeError as e:
+            raise UserError(f"{path} does not fit this model ({name}: {str(e).splitlines()[0][:120]}); pass the "
+                            "--size / --from-pretrained the run was started with") from None
 
 
 # --------------------------------------------------------------------------- stages
@@ -214,16 +219,16 @@ def export_checkpoint(args) -> int:
     from lift3d.training.arch import build_model
 
     path = os.path.join(args.out, "ckpts", "last.ckpt")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"no checkpoint at {path}; --out must be a train-zero123 run folder")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_run_checkpoint(path, ("model", "scaling_factor"))
     if args.from_pretrained:
         from lift3d.zero123 import Zero123Model
 
         model = Zero123Model.from_pretrained(args.from_pretrained, torch_dtype=torch.float32)
     else:
-        model = build_model(ckpt["args"].get("size", args.size))
-    load_model_state(model, ckpt["model"])
+        model = build_model((ckpt.get("args") or {}).get("size", args.size))
+    load_model_state(model, ckpt["model"], path)
     model.vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
     with torch.no_grad():
         params = named_params({n: getattr(model, n) for n in ("unet", "projection", "image_encoder")})
@@ -251,6 +256,14 @@ def train_zero123(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[train-zero123 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    ckpt_path = os.path.join(args.out, "ckpts", "last.ckpt")      # read first: a bad one fails before any work
+    ckpt = {}
+    if args.resume or args.decoder_only:
+        if not os.path.lexists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+        ckpt = load_run_checkpoint(ckpt_path, ("stage",))
+        log(f"resuming: stage {ckpt['stage']}, vae step {ckpt.get('vae_step', 0)}, step {ckpt.get('step', 0)}")
+
     if args.make_data and not os.path.isfile(os.path.join(args.data, "split.json")):
         log(f"generating the dataset into {args.data} ...")
         generate_dataset(args.data, n_procedural=args.n_procedural, n_urdf=args.n_urdf, log=log)
@@ -263,14 +276,6 @@ def train_zero123(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     log(f"{len(data)} training objects x {data.images.shape[1]} views at {data.size} px; "
         f"{0 if heldout is None else len(heldout)} held-out objects")
-
-    ckpt_path = os.path.join(args.out, "ckpts", "last.ckpt")
-    ckpt = {}
-    if args.resume or args.decoder_only:
-        if not os.path.isfile(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        log(f"resuming: stage {ckpt['stage']}, vae step {ckpt.get('vae_step', 0)}, step {ckpt.get('step', 0)}")
 
     if args.from_pretrained:
         from lift3d.zero123 import Zero123Model
@@ -286,7 +291,7 @@ def train_zero123(argv=None) -> int:
     if model.image_size != data.size:
         raise UserError(f"the model takes {model.image_size} px images but {args.data} holds {data.size} px views")
     if "model" in ckpt:
-        load_model_state(model, ckpt["model"])
+        load_model_state(model, ckpt["model"], ckpt_path)
         model.vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
     ckpt.pop("model", None)
     ckpt["args"] = {k: v for k, v in vars(args).items() if v is not None}

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lift3d.training.loop import out_of_time
+from lift3d.training.loop import load_run_checkpoint, out_of_time
 from lift3d.utils.io import save_torch
 
 
@@ -82,9 +82,9 @@ def decoder_state(vae) -> dict:
 
 def load_decoder(vae, path: str) -> int:
     """Load a ``decoder.ckpt`` into ``vae`` (if the file exists); returns its step count."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_run_checkpoint(path, ("weights", "step"))
     for part in ("post_quant_conv", "decoder"):
         getattr(vae, part).load_state_dict({k[len(part) + 1:]: v for k, v in state["weights"].items()
                                             if k.startswith(part + ".")})
@@ -97,8 +97,8 @@ def train_decoder(vae, images: torch.Tensor, args, log) -> None:
     from tqdm import tqdm
 
     path = os.path.join(args.out, "ckpts", "decoder.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
-    load_decoder(vae, path)
+    load_decoder(vae, path)       # checks the file
+    state = load_run_checkpoint(path) if os.path.lexists(path) else {}
     vae.eval().requires_grad_(False)
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     for p in params:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from lift3d.utils import io
@@ -31,12 +29,10 @@ def open_image(path: str):
     from PIL import Image, ImageOps
 
     from lift3d.errors import UserError
+    from lift3d.utils.inputs import require_file
 
     hint = "pass an RGBA PNG (or an RGB photo)"
-    if os.path.isdir(path):
-        raise UserError(f"image {path} is a directory, not an image file; {hint}")
-    if not path or not os.path.isfile(path):
-        raise UserError(f"image not found: {path!r}; {hint}")
+    require_file(path, "image", hint)     # a folder, a FIFO, a link loop: named for what it is
     try:
         with Image.open(path) as img:
             img.load()
@@ -73,18 +69,43 @@ def image_grid(images, columns: int = 0) -> np.ndarray:
 
 
 def save_video(stem: str, frames: list, fps: int = 30) -> str:
-    """Write uint8 frames as ``stem.mp4`` (``stem.gif`` when no ffmpeg is available); returns the path."""
+    """Write uint8 frames as ``stem.mp4`` (``stem.gif`` when no ffmpeg is available); returns the path.
+    Raises io.WriteFailed, the previous video intact, when the encoder fails (a full disk)."""
     import imageio.v2 as imageio
 
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
     try:
-        import imageio_ffmpeg  # noqa: F401  (the wheel carries its own ffmpeg binary)
-
-        path = stem + ".mp4"
-        with io.atomic_path(path) as tmp:
-            imageio.mimwrite(tmp, frames, fps=fps, format="FFMPEG", macro_block_size=1)
+        import imageio_ffmpeg  # (the wheel carries its own ffmpeg binary)
     except ImportError:
         path = stem + ".gif"
         with io.atomic_path(path) as tmp:
             imageio.mimwrite(tmp, frames, duration=1 / fps, format="GIF")
+        return path
+    path = stem + ".mp4"
+    with io.atomic_path(path) as tmp:
+        _ffmpeg_mp4(imageio_ffmpeg.get_ffmpeg_exe(), tmp, path, frames, fps)
     return path
+
+
+def _ffmpeg_mp4(exe: str, tmp: str, path: str, frames: list, fps: int) -> None:
+    """imageio's FFMPEG writer's command (H.264, yuv420p, no resizing), run here because imageio
+    ignores ffmpeg's exit status: on a full disk it left a cut-off video and ffmpeg's lines on the terminal."""
+    import subprocess
+
+    try:
+        from imageio_ffmpeg._io import get_first_available_h264_encoder
+        codec = get_first_available_h264_encoder()
+    except ImportError:
+        codec = "libx264"
+    data = np.ascontiguousarray(np.stack([np.asarray(f, dtype=np.uint8) for f in frames]))
+    if data.ndim == 3:
+        data = data[..., None]
+    pix_fmt = {1: "gray", 2: "ya8", 3: "rgb24", 4: "rgba"}[data.shape[-1]]
+    cmd = [exe, "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{data.shape[2]}x{data.shape[1]}",
+           "-pix_fmt", pix_fmt, "-r", str(fps), "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", "yuv420p",
+           "-v", "error", tmp]
+    r = subprocess.run(cmd, input=data.tobytes(), capture_output=True)
+    if r.returncode != 0:
+        lines = r.stderr.decode(errors="replace").strip().splitlines()
+        reason = "No space left on device" if "No space left" in r.stderr.decode(errors="replace") else \
+            (lines[-1][:160] if lines else f"ffmpeg exit status {r.returncode}")
+        raise io.WriteFailed(path, reason)

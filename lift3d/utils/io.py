@@ -1,41 +1,139 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it.
 
-A run killed mid-write never leaves a truncated checkpoint, image or JSON behind.
+A run killed mid-write never leaves a truncated checkpoint, image or JSON behind, and a write that fails (a
+full disk, a read-only folder) raises :class:`WriteFailed`, naming the file, with its previous version intact.
+Writes inside :func:`all_or_nothing` stand or fall together (an export's files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
+import shutil
 import tempfile
-from typing import Any, Iterator
+import uuid
+from typing import Any, Iterator, Optional
+
+from lift3d.errors import UserError
+
+
+class WriteFailed(UserError):
+    """``path`` could not be written (``reason``: what the system said); its previous version, if any, is intact."""
+
+    def __init__(self, path: str, reason: str, kept: Optional[str] = None):
+        self.path, self.reason = path, reason
+        if kept is None:
+            kept = "its previous version is kept" if os.path.exists(path) else "nothing was written there"
+        super().__init__(f"cannot write {path}: {reason}; {kept}")
+
+
+# The files written inside the innermost all_or_nothing block: [(path, hard link to its previous version or None)].
+_group: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("lift3d_write_group", default=None)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Writes inside this block stand or fall together: when it raises (a full disk at the third file, Ctrl-C),
+    every file it wrote gets its previous content back, or is removed if it had none. Files are replaced as
+    they are written (the block may read them back); the previous versions wait as hard links, which take no
+    space. A nested block is part of the outer one."""
+    if _group.get() is not None:
+        yield
+        return
+    written: list = []
+    token = _group.set(written)
+    try:
+        yield
+    except BaseException:
+        for path, backup in reversed(written):
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, path)
+                else:
+                    os.remove(path)
+        raise
+    else:
+        for _, backup in written:
+            if backup:
+                with contextlib.suppress(OSError):
+                    os.remove(backup)
+    finally:
+        _group.reset(token)
+
+
+def _replace(tmp: str, path: str) -> None:
+    """``os.replace(tmp, path)``, keeping ``path``'s previous version for the enclosing all_or_nothing block."""
+    written = _group.get()
+    if written is not None:
+        backup = None
+        if os.path.isfile(path):
+            backup = os.path.join(os.path.dirname(path), f".tmp-keep-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+            try:
+                os.link(path, backup)
+            except OSError:          # a file system without hard links: a copy
+                shutil.copyfile(path, backup)
+        written.append((path, backup))
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path in the target's folder; on success rename it to ``path``."""
+    """Yield a temporary path in the target's folder; on success rename it to ``path``. An OSError of the
+    write (ENOSPC, EROFS, ...) becomes :class:`WriteFailed` naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]  # keep the extension: some writers pick the format by it
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        suffix = os.path.splitext(path)[1]  # keep the extension: some writers pick the format by it
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         yield tmp
-        os.replace(tmp, path)
+        _replace(tmp, path)
+    except OSError as e:
+        if e.filename and e.filename not in (tmp, path) and not folder.startswith(os.path.abspath(e.filename)):
+            raise                  # another file's problem (an input that vanished), not this write's
+        raise WriteFailed(path, e.strerror or _first_line(e)) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def append_text(path: str, text: str) -> None:
+    """Append ``text`` to ``path``; when that fails the file is cut back to what it held (WriteFailed)."""
+    data = memoryview(text.encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise WriteFailed(path, e.strerror or _first_line(e), "its earlier lines are kept") from None
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -51,11 +149,31 @@ def read_json_if_any(path: str) -> Any:
         return None
 
 
+# What torch.save's zip writer raises (a RuntimeError) when the disk fills: "unexpected pos 576 vs 534",
+# "file write failed", "PytorchStreamWriter failed writing file data/0".
+_TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed|inline_container")
+
+
 def save_torch(path: str, obj: Any) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if not _TORCH_WRITE_FAILED.search(str(e)):
+                raise
+            raise WriteFailed(path, _write_failure(tmp, e)) from None
+
+
+def _write_failure(tmp: str, e: BaseException) -> str:
+    """What stopped a write whose library said only ``e``: a full disk when the folder has no space left."""
+    try:
+        st = os.statvfs(os.path.dirname(tmp))
+        full = st.f_bavail * st.f_frsize < 1 << 20
+    except (OSError, AttributeError):
+        full = False
+    return "No space left on device" if full else _first_line(e)
 
 
 def save_image(path: str, image) -> None:
@@ -70,8 +188,9 @@ def save_image(path: str, image) -> None:
         image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    with atomic_path(path) as tmp:
-        iio.imwrite(tmp, image)
+    # Encoded in memory, then written: a writer failing half-way through its own file object complains
+    # again from __del__, as a traceback.
+    write_bytes(path, iio.imwrite("<bytes>", image, extension=os.path.splitext(path)[1] or ".png"))
 
 
 # --------------------------------------------------------------------------- reading checkpoints
@@ -101,12 +220,9 @@ def load_torch(path: str, mmap: bool = False) -> Any:
 
     import torch
 
-    from lift3d.errors import UserError
+    from lift3d.utils.inputs import require_file
 
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+    require_file(path, "checkpoint")      # a folder, a FIFO, a link loop: named for what it is
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or a legacy pickle

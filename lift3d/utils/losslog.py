@@ -1,8 +1,9 @@
 """The loss log of a run: ``save/losses.csv`` (one row per logged step) and TensorBoard when installed.
 
 Each row is appended with one ``write`` and flushed, so a killed run keeps every earlier row (at
-worst its last line is cut short). A resumed run continues the file: rows after the checkpoint's
-step (logged by the killed run, about to be redone) and a cut-short last line are dropped first.
+worst its last line is cut short; an append that fails, on a full disk, is cut back). A resumed run
+continues the file: rows after the checkpoint's step (logged by the killed run, about to be redone) and
+a cut-short last line are dropped first.
 A column that appears later (a loss whose weight schedule starts above 0) rewrites the file once,
 atomically, with the wider header; earlier rows leave that cell empty.
 """
@@ -64,8 +65,7 @@ class LossLog:
             self.columns += new
             self._rewrite()
         else:
-            with open(self.path, "a") as f:
-                f.write(_csv_line([row["step"]] + [row.get(c, "") for c in self.columns]))
+            io.append_text(self.path, _csv_line([row["step"]] + [row.get(c, "") for c in self.columns]))
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"train/{k}", float(v), step)

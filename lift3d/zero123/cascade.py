@@ -17,13 +17,13 @@ self-prompt tokens, and zeroes the concat latent.
 
 Views are (elevation°, azimuth°, distance) triples; the Zero123 pose of a target w.r.t. a source is
 [Δpolar, sin Δazimuth, cos Δazimuth, Δdistance] with polar = 90° − elevation (cameras.zero123_pose).
-A refiner folder is a Zero123 folder (kxic layout) plus an optional ``cascade.json``
-(:class:`CascadeLayout`); without it the paper's defaults apply.
+A refiner folder is a Zero123 folder (kxic layout) plus its ``cascade.json`` (:class:`CascadeLayout`; a
+refiner given as a file or a hub id gets the paper's defaults); a folder without one is refused where a
+refiner is loaded, as it is most likely a plain Zero123 model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -47,13 +47,29 @@ class CascadeLayout:
     coarse_source: str = ""         # what its coarse token was in training: sample | estimate ("": not recorded)
 
     @classmethod
-    def load(cls, folder: str) -> "CascadeLayout":
+    def load(cls, folder: str, required: bool = False) -> "CascadeLayout":
+        """The layout of the refiner ``folder`` (the paper's for a file or a hub id). With ``required`` a folder
+        without ``cascade.json`` is refused: a plain Zero123 folder would run as a refiner, giving meaningless
+        views without a word."""
+        from lift3d.errors import UserError
+        from lift3d.utils.inputs import read_json_object
+
         path = os.path.join(folder, LAYOUT_FILE) if os.path.isdir(folder) else ""
-        if not path or not os.path.isfile(path):
+        if not path or (not os.path.lexists(path) and not required):
             return cls()
-        with open(path) as f:
-            data = json.load(f)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        hint = ("a refiner folder holds the cascade.json that lift3d train-cascade writes; for a refiner from "
+                'elsewhere write one, e.g. {"nearby": [[0, 45, 0], [0, -45, 0], [30, 0, 0]]}')
+        if not os.path.lexists(path):
+            raise UserError(f"refiner {folder} has no {LAYOUT_FILE}: it looks like a plain Zero123 model, not a "
+                            f"Cascade-Zero123 refiner ({hint})")
+        data = read_json_object(path, "refiner layout", hint)
+        layout = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        if not isinstance(layout.nearby, list) or not layout.nearby or any(
+                not isinstance(v, list) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v)
+                for v in layout.nearby):
+            raise UserError(f"refiner layout {path}: 'nearby' must be a list of [Δelevation, Δazimuth, Δdistance] "
+                            f"triples, got {layout.nearby!r}")
+        return layout
 
     def save(self, folder: str) -> None:
         write_json(os.path.join(folder, LAYOUT_FILE), asdict(self))

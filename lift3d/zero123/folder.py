@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 
 from lift3d.errors import UserError
+from lift3d.utils.inputs import require_file
+from lift3d.utils.io import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,9 @@ def read_folder(folder: str, variant: Optional[str] = None) -> dict:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    from lift3d.utils.inputs import read_json_object
+
+    return read_json_object(path, "model config", "the model folder is damaged: re-download or re-convert it")
 
 
 def _weights_files(folder: str, stems, variant: Optional[str]) -> list[str]:
@@ -101,8 +101,9 @@ def _read_weights(folder: str, stems, variant: Optional[str]) -> dict:
     sd = {}
     for path in _weights_files(folder, stems, variant):
         try:
-            sd.update(load_file(path) if path.endswith(".safetensors")
-                      else torch.load(path, map_location="cpu", weights_only=True))
+            sd.update(load_file(require_file(path, "weights")) if path.endswith(".safetensors") else load_torch(path))
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
     return sd

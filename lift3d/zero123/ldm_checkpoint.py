@@ -126,6 +126,9 @@ def unet_heads(config_path: Optional[str], channels: list[int], ckpt_path: str =
         return UNET_HEADS
     import yaml
 
+    from lift3d.utils.inputs import require_file
+
+    require_file(config_path, "ldm config", "pass the checkpoint's ldm YAML with --config")
     try:
         with open(config_path) as f:
             params = yaml.safe_load(f)["model"]["params"]["unet_config"]["params"]
@@ -203,8 +206,10 @@ def clip_config(sd: dict) -> dict:
 def read_parts(path: str, use_ema: bool = True, config_path: Optional[str] = None) -> dict:
     """The model parts (see :mod:`lift3d.zero123.folder`) of the original checkpoint at ``path``;
     ``config_path``: its ldm YAML (default: :func:`find_config`)."""
-    if config_path and not os.path.isfile(config_path):
-        raise UserError(f"ldm config not found: {config_path}")
+    if config_path:
+        from lift3d.utils.inputs import require_file
+
+        require_file(config_path, "ldm config", "pass the checkpoint's ldm YAML with --config")   # before the weights
     return split(read_state_dict(path), path, use_ema, config_path or find_config(path))
 
 

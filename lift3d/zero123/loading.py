@@ -17,6 +17,7 @@ import re
 from typing import Optional
 
 from lift3d.errors import UserError
+from lift3d.utils.inputs import file_kind
 from lift3d.zero123 import ldm_checkpoint
 from lift3d.zero123.folder import PROJECTION_DIRS, read_folder
 
@@ -32,6 +33,9 @@ def read_parts(path: str, variant: Optional[str] = None, use_ema: bool = True,
         raise UserError(f"--config {ldm_config} applies to an original .ckpt only; {path} is not a checkpoint file")
     if os.path.isdir(path):
         return read_folder(path, variant)
+    if os.path.lexists(path):       # there, but a FIFO, a socket, a symbolic-link loop, ...
+        raise UserError(f"Zero123 model {path} is {file_kind(path)}; give a diffusers model folder or an original "
+                        ".ckpt file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".ckpt", ".pt", ".pth")):
         return read_folder(_download(path, variant), variant)
     raise UserError(f"Zero123 model not found: {path} (give a diffusers model folder, an original .ckpt "
