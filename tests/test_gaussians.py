@@ -307,7 +307,9 @@ def test_memory_estimate_of_the_gaussian_recipe(tmp_path):
         return estimate_step_memory(exp.system, exp.data, exp.exp.trainer.mmap_threshold_mib)
 
     est = estimate()
-    assert est.parts["render"] > 0 and "data.height/width (now 64)" in est.settings["render"]
+    assert est.parts["render"] > 0 and "system.geometry.max_points (now 3000)" in est.settings["render"]
     assert est.total_gib > est.parts["render"] and "unet" in est.parts       # the prior's parts are there too
     small = estimate("data.height=32", "data.width=32")
-    assert 0 < small.parts["render"] < est.parts["render"] and small.settings["render"].endswith("(now 32)")
+    assert 0 < small.parts["render"] < est.parts["render"]
+    fewer = estimate("system.geometry.max_points=1000")
+    assert 0 < fewer.parts["render"] < est.parts["render"] and fewer.settings["render"].endswith("(now 1000)")

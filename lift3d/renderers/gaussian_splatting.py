@@ -22,11 +22,11 @@ from lift3d.renderers import gaussian_raster
 from lift3d.renderers.volume import _Parts
 
 BACKENDS = ("auto", "torch", "gsplat")
-# Bytes autograd keeps per evaluated pixel-Gaussian pair (gaussian_raster.RECOMPUTE_PAIRS: ~40), and the
-# pairs per pixel a DreamGaussian-sized scene evaluates at the tile level (benchmarks/bench_gaussian_raster.py:
-# 5k Gaussians at 128 px, ~60 a pixel); above RECOMPUTE_PAIRS the rasterizer holds one chunk at a time.
+# Bytes autograd keeps per evaluated pixel-Gaussian pair (gaussian_raster.RECOMPUTE_PAIRS: ~40), and the share of
+# all pixel x Gaussian pairs the tiles evaluate: 6-18 % for DreamGaussian-initialised scenes of 1k-5k Gaussians at
+# 64-256 px (benchmarks/bench_gaussian_raster.py); 0.2 bounds it. Past RECOMPUTE_PAIRS a render holds one chunk.
 BYTES_PER_PAIR = 40
-PAIRS_PER_PIXEL = 60
+EVALUATED_SHARE = 0.2
 
 
 @register("gaussian-splatting", "renderer")
@@ -77,17 +77,13 @@ class GaussianSplatting(PluginModule):
         return out
 
     def memory_estimate(self, plan: MemoryPlan) -> dict:
-        """The largest step's pixel-Gaussian pairs held for backward (one recomputed chunk past the limit)."""
-        worst, shares = 0, {}
+        """Pairs the step's renders hold for backward at the geometry's largest count (``max_points``, else
+        its current one); a render past RECOMPUTE_PAIRS holds one recomputed chunk instead."""
+        n = getattr(self.geometry.cfg, "max_points", None) or self.geometry.means.shape[0]
+        worst = 0.0
         for renders in plan.stages:
-            pairs = sum(views * h * w * PAIRS_PER_PIXEL for _, views, h, w in renders)
-            if min(pairs, gaussian_raster.RECOMPUTE_PAIRS) >= worst:
-                worst = min(pairs, gaussian_raster.RECOMPUTE_PAIRS)
-                shares = {}
-                for name, views, h, w in renders:       # which setting sizes the most pairs of the worst stage
-                    key = "data.reference_height/width" if name == "reference" else "data.height/width"
-                    shares[key] = (shares.get(key, (0, h))[0] + views * h * w, h)
-        gib = worst * BYTES_PER_PAIR / 2 ** 30
-        order = sorted(shares.items(), key=lambda kv: -kv[1][0])
-        setting = " or ".join(f"{key} (now {h})" for key, (_, h) in order) or "data.height/width"
-        return {"render": (gib, setting)}
+            pairs = [views * h * w * n * EVALUATED_SHARE for _, views, h, w in renders]
+            held = sum(p for p in pairs if p <= gaussian_raster.RECOMPUTE_PAIRS)
+            chunk = max((2 ** 19 for p in pairs if p > gaussian_raster.RECOMPUTE_PAIRS), default=0)
+            worst = max(worst, held + chunk)
+        return {"render": (worst * BYTES_PER_PAIR / 2 ** 30, f"system.geometry.max_points (now {n})")}
