@@ -20,7 +20,6 @@ the object's last checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -158,10 +157,12 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
 
 
 def _load_result(path: str) -> Optional[dict]:
+    """An object's earlier result, or None (none, or a damaged one: the object runs again)."""
+    from lift3d.utils.inputs import read_json_object
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json_object(path, "result") if os.path.lexists(path) else None
+    except UserError:
         return None
 
 

@@ -4,7 +4,6 @@ direction is better)."""
 
 from __future__ import annotations
 
-import json
 import os
 from lift3d.utils import io
 
@@ -18,8 +17,9 @@ def comparison_image(gt_mesh: str, pred_mesh: str, cameras_json: str, out_png: s
     from lift3d.mesh.raycast import MeshRaycaster
     from lift3d.utils.figures import labelled_grid
 
-    with open(cameras_json) as f:
-        meta = json.load(f)
+    from lift3d.utils.inputs import read_json_object
+
+    meta = read_json_object(cameras_json, "render cameras", keys=("views",))
     view = meta["views"][meta.get("input_view", 0)]
     cameras = orbit_views(n_views, view["elevation_deg"], view["distance"], view["fovy_deg"], size, size,
                           azimuth_start_deg=view["azimuth_deg"])

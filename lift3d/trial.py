@@ -159,7 +159,7 @@ def load_checkpoint(path: str) -> dict:
     one, and one whose weights are not finite (written by a run that had already diverged: not resumable)."""
     from lift3d.utils.inputs import require_file
 
-    require_file(path, "checkpoint", "pass resume=<trial>/ckpts/last.ckpt (a folder? the file inside it)")
+    require_file(path, "checkpoint", "pass resume=<trial>/ckpts/last.ckpt")
     try:
         ckpt = io.load_torch(path)
     except io.UnsafeCheckpoint as e:

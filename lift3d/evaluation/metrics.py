@@ -213,6 +213,6 @@ def check_finite(scores: dict, what: str = "the scores") -> dict:
 
     bad = first_bad(scores, "")
     if bad:
-        raise UserError(f"{what} are not finite ({bad[0]} = {bad[1]}): the meshes are too far apart or too large to "
-                        "score; check that the prediction is in the ground truth's frame")
+        raise UserError(f"{what} are not finite ({bad[0]} = {bad[1]}), and JSON cannot hold that: check that the "
+                        "prediction is in the ground truth's frame and that no mesh or render holds NaN")
     return scores

@@ -433,7 +433,9 @@ class ImageTo3D(BaseSystem):
                                  "silhouette_iou": sum(r["silhouette_iou"] for r in rows) / len(rows),
                                  "note": f"the textured mesh against the field's renders at the {len(rows)} validation "
                                          "views (whole images on white)"}
-        return result
+        from lift3d.evaluation.metrics import check_finite
+
+        return check_finite(result, "the export's scores")      # metrics.json holds numbers, or the run says why
 
     @property
     def device(self) -> torch.device:

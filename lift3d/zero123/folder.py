@@ -19,8 +19,6 @@ import re
 import shutil
 from typing import Optional
 
-import torch
-
 from lift3d.errors import UserError
 from lift3d.utils.inputs import require_file
 from lift3d.utils.io import load_torch

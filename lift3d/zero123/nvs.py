@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=number_arg(int, ge=1, le=MAX_STEPS), default=50,
                    help=f"DDIM steps, at most the model's {MAX_STEPS} training timesteps")
     p.add_argument("--scale", type=number_arg(float, ge=0), default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=number_arg(int, ge=0, lt=2 ** 63), default=0)
+    p.add_argument("--seed", type=number_arg(int, ge=0, lt=2 ** 32), default=0)
     p.add_argument("--n-samples", type=number_arg(int, ge=1), default=4)
     p.add_argument("--eta", type=number_arg(float, ge=0), default=1.0, help="DDIM eta (the Zero123 demo uses 1.0)")
     p.add_argument("--stable", action="store_true", help="Stable-Zero123 pose vector (needs --condition-elevation)")
