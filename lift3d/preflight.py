@@ -41,12 +41,15 @@ from lift3d.plugin import MemoryPlan
 from lift3d.utils.heap import fragments_heap
 
 GIB = 2 ** 30
-# Bytes a training step holds per pixel of the reference view (RGB field): the image, its targets, the render's
-# per-pixel outputs (colour, opacity, depth and their composites), the losses and all their gradients.
-REFERENCE_BYTES_PER_PIXEL = 400
+# Bytes a training step holds per pixel of the reference view: the image, its targets, the render's per-pixel
+# outputs (colour, opacity, depth, their composites), the losses and their gradients. Measured as the peak RSS's
+# slope between 1280^2 and 2048^2 references of the tiny RGB run (CPU): 357 with the volume renderer (chunked
+# rays), 213 with 200 Gaussians; the largest, so that no renderer is under-counted.
+REFERENCE_BYTES_PER_PIXEL = 360
 # Bytes the turntable holds per pixel of each test view after training: five RGB float panels (field, mesh
-# textured and shaded, normals, opacity), their concatenation and the uint8 frames of the video.
-TEST_BYTES_PER_PIXEL = 150
+# textured and shaded, normals, opacity), their concatenation, the uint8 frames and the video encoder's copy.
+# Measured: the peak RSS's slope between 512^2 and 1024^2 eval views (6 test views, the tiny trial): 433.
+TEST_BYTES_PER_PIXEL = 440
 BASELINE_GIB = 0.8
 MARGIN = 0.05                   # of the other parts together: the allocator's slack
 VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element of each layer

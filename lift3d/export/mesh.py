@@ -42,7 +42,8 @@ class ExportConfig:
     level: str = "auto"                   # used when threshold and relative_threshold are None (level.py):
     #   auto: the level whose silhouette best matches the reference view's mask (8 views of the
     #   field's own opacity-1/2 surface when no reference is given); ring: always the 8 views
-    threshold: Optional[float] = domain(None, gt=0)      # absolute density iso-level (wins over everything)
+    threshold: Optional[float] = domain(None)   # absolute density iso-level (wins over everything; one that misses
+    #                                             the field, below or above all of it, falls back to auto)
     relative_threshold: Optional[float] = domain(None, gt=0)  # level = this x mean density (3drec used 8)
     # Gaussian blur of the density grid, in grid cells, before the level and marching cubes. On the main
     # job's field: 872 marching-cubes pieces -> 26, watertight, xatlas 11 s -> 2 s, volume IoU +0.004.
