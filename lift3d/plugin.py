@@ -84,11 +84,7 @@ class OptimizerOps:
 
     def set_lr(self, param: nn.Parameter, lr: float) -> None:
         """The learning rate of the group that holds ``param`` (a schedule per parameter, as 3DGS's means)."""
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                group["lr"] = lr
-                return
-        raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimiser")
+        param_surgery.find_group(self.optimizer, param)[0]["lr"] = lr
 
 
 @dataclass

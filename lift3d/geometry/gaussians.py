@@ -108,8 +108,15 @@ class Gaussians(BaseGeometry):
 
     def inverse_covariances(self) -> torch.Tensor:
         """(N, 3, 3) Sigma^-1 = R S^-2 R^T."""
+        return self._rotated(torch.exp(-2 * self.log_scales))
+
+    def covariances(self) -> torch.Tensor:
+        """(N, 3, 3) Sigma = R S^2 R^T."""
+        return self._rotated(torch.exp(2 * self.log_scales))
+
+    def _rotated(self, diagonal: torch.Tensor) -> torch.Tensor:
         R = quat_to_rotmat(self.quats)
-        return R @ torch.diag_embed(torch.exp(-2 * self.log_scales)) @ R.transpose(1, 2)
+        return R @ torch.diag_embed(diagonal) @ R.transpose(1, 2)
 
     # ------------------------------------------------------------------ the field
 
@@ -136,7 +143,7 @@ class Gaussians(BaseGeometry):
         means, inv, o = self.means.float(), self.inverse_covariances().float(), self.opacities.float()
         # Window half-width: 3 standard deviations along the widest world axis (sqrt of Sigma's diagonal),
         # rounded up to one of ~12 % apart sizes so that few window shapes cover all Gaussians.
-        sigma = torch.sqrt(torch.diagonal(torch.linalg.inv(inv), dim1=-2, dim2=-1).amax(-1))
+        sigma = torch.sqrt(torch.diagonal(self.covariances().float(), dim1=-2, dim2=-1).amax(-1))
         half = torch.ceil(3 * sigma / cell).clamp(min=1)
         bucket = torch.ceil(1.125 ** torch.ceil(torch.log(half) / math.log(1.125))).long()
         huge = bucket > R // 4          # windows beyond a quarter of the grid: every cell, directly
@@ -229,9 +236,8 @@ class Gaussians(BaseGeometry):
         split_rows["means"] = self.means[ids] + (quat_to_rotmat(self.quats[ids]) @ sample[..., None])[..., 0]
         split_rows["log_scales"] = self.log_scales[ids] - math.log(0.8 * 2)
         for name in PARAMETERS:
-            extension = torch.cat([new[name], split_rows[name]])
-            setattr(self, name, ctx.optimizer.extend(getattr(self, name), extension))
-        added = len(extension)
+            setattr(self, name, ctx.optimizer.extend(getattr(self, name), torch.cat([new[name], split_rows[name]])))
+        added = int(clone.sum()) + len(ids)
         keep = torch.cat([~split, torch.ones(added, dtype=torch.bool, device=split.device)])
         keep &= self.opacities >= c.prune_opacity
         keep &= self.scales.amax(-1) <= c.prune_scale
@@ -240,7 +246,7 @@ class Gaussians(BaseGeometry):
         for name in STATISTICS:
             self.register_buffer(name, torch.zeros(self.n_points, device=self.means.device))
         self.last_densify = {"step": ctx.step, "cloned": int(clone.sum()), "split": int(split.sum()),
-                             "pruned": int((~keep).sum()), "points": self.n_points}
+                             "pruned": int((~keep).sum() - split.sum()), "points": self.n_points}   # not the split parents
 
 
 def _neighbour_spacing(points: torch.Tensor, k: int = 3, chunk: int = 2048) -> torch.Tensor:

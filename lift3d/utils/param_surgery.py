@@ -34,20 +34,22 @@ from torch import Tensor, nn
 RowOp = Callable[[Tensor], Tensor]
 
 
+def find_group(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> tuple[dict, int]:
+    """The optimiser's param group holding ``param`` and its position there, found by identity (an
+    equal-valued parameter elsewhere is not this one)."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is param:
+                return group, i
+    raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimiser "
+                     "(was it replaced before without storing the returned parameter?)")
+
+
 def _swap(optimizer: torch.optim.Optimizer, old: nn.Parameter, new_value: Tensor,
           rows: Optional[RowOp]) -> nn.Parameter:
     """Put ``new_value`` in ``old``'s place; map every per-element state tensor (and the gradient) with
     ``rows``, or, when ``rows`` is None, reset the state to zeros and drop the gradient."""
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:   # identity: equal-valued parameters elsewhere in the group are not this one
-                break
-        else:
-            continue
-        break
-    else:
-        raise ValueError(f"parameter of shape {tuple(old.shape)} is not in this optimiser "
-                         "(was it replaced before without storing the returned parameter?)")
+    group, i = find_group(optimizer, old)
 
     with torch.no_grad():
         new = nn.Parameter(new_value.detach().to(old), requires_grad=old.requires_grad)
