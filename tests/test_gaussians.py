@@ -227,15 +227,8 @@ system:
 
 
 @pytest.fixture()
-def image(tmp_path):
-    import imageio.v3 as iio
-    import numpy as np
-
-    yy, xx = np.mgrid[:32, :32]
-    img = np.zeros((32, 32, 4), np.uint8)
-    img[(xx - 15.5) ** 2 + (yy - 15.5) ** 2 < 81] = [200, 60, 40, 255]
-    iio.imwrite(tmp_path / "disc.png", img)
-    return str(tmp_path / "disc.png")
+def image(disc_image):
+    return disc_image
 
 
 def test_gaussians_train_densify_checkpoint_and_resume_with_their_count(tmp_path, image):
