@@ -146,6 +146,12 @@ class Plugin(Hooks):
         """A module this plugin trains (checkpointed and optimised by the system), or None."""
         return None
 
+    @classmethod
+    def declared_losses(cls, cfg: Any = None, path: str = "") -> dict:
+        """The ``loss_defaults`` of this plugin configured by ``cfg``, before it is built (the system sets up
+        its loss weights before the guidance loads): the class's, unless its terms depend on its config."""
+        return dict(cls.loss_defaults)
+
 
 class PluginModule(nn.Module, Hooks):
     """A configurable ``nn.Module`` whose parameters belong to the trained 3D model."""

@@ -56,6 +56,10 @@ VAE_BYTES_PER_ELEMENT = 32      # ~8 saved fp32 tensors per activation element o
 # Peak extra RSS of one guidance view (a conditional + an unconditional latent) through the published
 # 859 M UNet at 32x32 latents, CPU fp32, no gradients: 0.37 GiB for 4 views, 1.19 GiB for 12.
 UNET_GIB_PER_VIEW = 0.1
+# Activations one view's conditional UNet pass holds for a backward pass (VSD's LoRA training): the published
+# UNet's widths at 32x32 latents, fp32, with a rank-4 LoRA on every attention projection; the tensors autograd
+# saves, summed on the meta device (0.72 GiB; 0.12 at 16x16, 0.026 at 8x8: the linear scaling over-counts those).
+UNET_GRAD_GIB_PER_VIEW = 0.75
 UNET_WIDTHS = (320, 640, 1280, 1280)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Stable Diffusion's VAE and UNet, which every published Zero123 model uses (for a .ckpt or a hub id).
@@ -90,10 +94,11 @@ def weights_gib(path: str, variant: Optional[str] = None) -> float:
     return total / GIB
 
 
-def unet_gib(unet: dict, views: int, latent_pixels: int) -> float:
-    """Peak activations of a no-gradient UNet pass on ``views`` guidance views (CFG: two latents each)."""
+def unet_gib(unet: dict, views: int, latent_pixels: int, grad: bool = False) -> float:
+    """Peak activations of a no-gradient UNet pass on ``views`` guidance views (CFG: two latents each); with
+    ``grad``, the activations a conditional pass on ``views`` latents holds for backward."""
     width = sum(unet.get("block_out_channels", UNET_WIDTHS)) / sum(UNET_WIDTHS)
-    return views * UNET_GIB_PER_VIEW * width * latent_pixels / 32 ** 2
+    return views * (UNET_GRAD_GIB_PER_VIEW if grad else UNET_GIB_PER_VIEW) * width * latent_pixels / 32 ** 2
 
 
 def vae_gib(vae: dict, images: int, decoder: bool) -> float:
@@ -116,7 +121,8 @@ def memory_plan(system, data, guidance=None) -> MemoryPlan:
     reference = any(_nonzero(loss[k]) for k in ("rgb", "mask", "depth_smooth_ref"))
     stages = []
     for views, h, w in data.stages():
-        renders = [("reference", 1, c.reference_height // f, c.reference_width // f)] if reference else []
+        photos = system.reference_batch(data) if hasattr(system, "reference_batch") else 1   # several: data.image_paths
+        renders = [("reference", photos, c.reference_height // f, c.reference_width // f)] if reference else []
         renders.append(("guidance", views, h, w))
         if _nonzero(loss["near_view"]):
             renders.append(("near_view", views, h, w))
@@ -138,7 +144,7 @@ def estimate_step_memory(system, data, mmap_threshold_mib: float = TrainerConfig
     est = Estimate(parts={"baseline": BASELINE_GIB})
     size = (data.cfg.reference_height, data.cfg.reference_width)
     if plan.renders("reference"):
-        est.parts["reference"] = reference_gib(*size)
+        est.parts["reference"] = reference_gib(*size) * plan.renders("reference")[0][0]
         est.settings["reference"] = reference_setting(*size)
     parts = [p for p in system.plugins() if p is not system.guidance] + ([guidance] if guidance is not None else [])
     for part in parts:

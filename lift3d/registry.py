@@ -33,6 +33,7 @@ PLUGIN_MODULES = (
     "lift3d.priors.cascade_zero123",
     "lift3d.guidance.sds",
     "lift3d.guidance.sjc",
+    "lift3d.guidance.vsd",
     "lift3d.guidance.distillation",
     "lift3d.guidance.presets",
     "lift3d.guidance.oracle",

@@ -64,6 +64,12 @@ class ScoreDistillation(BaseGuidance):
             raise UserError(f"{path}.encode_chunk must be at least 1, got {self.cfg.encode_chunk}")
         self.method = find(method_type, "method")(method_cfg, path=method_path)
         self.prior = find(prior_type, "prior")(prior_cfg, path=prior_path)
+        # The method's own loss terms (VSD's LoRA loss) are the guidance's, weighted by system.loss.lambda_<name>.
+        self.loss_defaults = {**type(self).loss_defaults, **self.method.loss_defaults}
+
+    @classmethod
+    def declared_losses(cls, cfg: Any = None, path: str = "system.guidance") -> dict:
+        return dict(cls(cfg, path).loss_defaults)   # they depend on method_type; building is cheap (no weights)
 
     @property
     def render_space(self) -> str:
@@ -76,6 +82,18 @@ class ScoreDistillation(BaseGuidance):
     def prepare(self, reference, context: GuidanceContext) -> None:
         super().prepare(reference, context)
         self.prior.prepare(reference, context)
+        self.method.prepare(self.prior, context)
+
+    # The method's trainable state, its optimiser groups and its losses are the guidance's (lift3d/plugin.py).
+    def trainable_state(self):
+        return self.method.trainable_state()
+
+    def param_groups(self, lr: float) -> list:
+        # The method's own learning rates; else (a subclass's own state) every parameter at lr.
+        return self.method.param_groups(lr) if self.method.trainable_state() is not None else super().param_groups(lr)
+
+    def losses(self, ctx) -> dict:
+        return self.method.losses(ctx)
 
     def memory_estimate(self, plan) -> dict:
         """The prior's parts, and for RGB renders the VAE encoder with gradients, ``encode_chunk`` images
@@ -89,6 +107,8 @@ class ScoreDistillation(BaseGuidance):
             n = min(self.cfg.encode_chunk, views)
             parts["vae"] = (vae_gib(vae("vae"), n, decoder=False),
                             f"system.guidance.encode_chunk (now {self.cfg.encode_chunk})")
+        for name, (gib, setting) in self.method.memory_estimate(plan, self.prior).items():
+            parts[name] = (parts.get(name, (0.0, None))[0] + gib, setting or parts.get(name, (0, None))[1])
         return parts
 
     def update_step(self, step: int) -> None:

@@ -5,6 +5,10 @@ A method is a :class:`~lift3d.plugin.Plugin` registered with kind ``method``. It
 ``method(prior, latents, cameras, render, step)`` with detached latents (B, C, h, w) and returns
 ``{"grad": dL/dlatents (B, C, h, w), ...logged scalars}``; the guidance applies the gradient
 (see ``distillation.py``). It knows the prior only through :mod:`lift3d.priors.base`.
+
+A method that trains something of its own (VSD's LoRA) builds it in ``prepare(prior, context)``, after the
+prior has loaded, and uses the plugin hooks: the guidance passes ``trainable_state()``, ``param_groups``,
+``losses(ctx)`` (declared in ``loss_defaults``) and ``memory_estimate`` through to it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,15 @@ class DistillationMethod(Plugin):
     #: how a share p of the T timesteps becomes an index: "floor" (threestudio) or "round"
     step_rounding: str = "round"
 
+    def prepare(self, prior, context) -> None:
+        """Called once after ``prior.prepare`` (its weights are loaded); ``context``: the GuidanceContext."""
+
     def __call__(self, prior, latents: torch.Tensor, cameras, render: dict, step: int) -> dict:
         raise NotImplementedError
+
+    def memory_estimate(self, plan, prior=None) -> dict:
+        """Its own share of a step's memory beyond the prior's passes (``prior``: not loaded yet)."""
+        return {}
 
     def step_range(self, prior, step: int) -> tuple[int, int]:
         """Inclusive timestep range [t_min, t_max] at training ``step``."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lift3d.cameras import Cameras
 from lift3d.config import C, domain, schedulable
+from lift3d.data.reference import reference_list
 from lift3d.errors import ConfigError, UserError
 from lift3d.guidance.base import GuidanceContext
 from lift3d.guidance.distillation import ScoreDistillation
@@ -84,7 +85,7 @@ class MultiviewGuidance(ScoreDistillation):
 
     def prepare(self, reference, context: GuidanceContext) -> None:
         super().prepare(reference, context)
-        self.cameras = ring_cameras(reference.camera, self.cfg.rings)
+        self.cameras = ring_cameras(reference_list(reference)[0].camera, self.cfg.rings)   # around the primary photo
         self.folder = os.path.join(context.trial_dir, "save", "generated") if context.trial_dir else None
         self.images = self._cached() if self.folder else None
         if self.images is None:
@@ -160,7 +161,8 @@ class MultiviewGuidance(ScoreDistillation):
             raise UserError("guidance multiview fits RGB renders; a latent field (n_feature_dims=4) cannot use it")
         target = resize(self.images[pick], size).permute(0, 2, 3, 1).to(out["comp_rgb"])
         mask = ((1 - target).amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).to(target)
-        return {"views_rgb": F.mse_loss(out["comp_rgb"], target), "views_mask": F.mse_loss(out["opacity"], mask)}
+        terms = {"views_rgb": F.mse_loss(out["comp_rgb"], target), "views_mask": F.mse_loss(out["opacity"], mask)}
+        return {**terms, **(super().losses(ctx) if self.distils else {})}   # a distilling method's own (VSD)
 
     @torch.no_grad()
     def refresh(self, ctx) -> None:

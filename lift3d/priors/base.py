@@ -13,6 +13,8 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
 - ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
   noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
   also look at the render);
+- optionally ``denoiser`` and ``conditional_noise(noisy, t, cameras, drop_pose)``, the network and its
+  conditional branch alone (method ``vsd`` trains a LoRA on it);
 - optionally ``generate(cameras, seeds, ...)``, sampled views for generate-then-reconstruct
   (guidance ``multiview``); ``views(cameras)``, the guidance views it wants instead of the data module's random ones,
   and ``validation_images()``, extra pictures for the validation strip; and ``memory_estimate(plan)``
@@ -82,6 +84,17 @@ class ViewConditionedPrior(Plugin):
         ``init`` images at ``strength`` when given."""
         raise NotImplementedError(f"prior {type(self).__name__} cannot generate views; use guidance "
                                   "score-distillation with it")
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The noise-prediction network, for methods that adapt it (VSD puts a LoRA on it)."""
+        raise NotImplementedError(f"prior {type(self).__name__} does not expose its denoiser; method vsd cannot "
+                                  "adapt it")
+
+    def conditional_noise(self, noisy: torch.Tensor, t: torch.Tensor, cameras, drop_pose=None) -> torch.Tensor:
+        """ε of the conditional branch alone (no CFG), with gradients w.r.t. adapters on :attr:`denoiser`;
+        views where the bool mask ``drop_pose`` (B,) is set see no camera (VSD's camera-condition dropout)."""
+        raise NotImplementedError(f"prior {type(self).__name__} has no conditional branch for method vsd")
 
     def views(self, cameras):
         """The guidance views to render this step; by default the data module's random ones."""

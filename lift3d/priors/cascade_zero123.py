@@ -12,6 +12,10 @@ The coarse-target token (``coarse_token``):
 - ``render``: the CLIP embedding of the current render of the guidance view;
 - ``estimate``: the base model's one-step estimate x̂₀ of the same noisy latent (one more UNet call
   per step; keeps the base loaded).
+
+With several photos each has its own self-prompts and refiner condition, and each guidance view is refined
+with its nearest photo's (as the ``zero123`` prior conditions on it); the self-prompts of the second and later
+photos are cached in the trial folder under ``save/self_prompts/photo<N>/``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from lift3d.config import Domain, domain
+from lift3d.data.reference import reference_list
 from lift3d.errors import ConfigError, UserError
 from lift3d.priors import self_prompts
 from lift3d.priors.zero123 import ASSETS, BUNDLED_MODEL, Zero123Prior, check_choice, resolve_model_path
@@ -92,38 +97,45 @@ class CascadeZero123Prior(Zero123Prior):
                             f"{self.base.image_size} px; pair a refiner with the base it was trained from")
         offsets = self.cfg.nearby_views or layout.nearby
         self.set_reference(reference)
-        self.prompt_images, self.prompt_views = self.self_prompts(reference, offsets, base_path)
+        prompts = [self.self_prompts(r, offsets, base_path, photo=i) for i, r in enumerate(self.photos)]
+        self.prompt_images, self.prompt_views = prompts[0]
+        self.other_prompts = prompts[1:]
         self.refresh_condition()
         if self.cfg.coarse_token == "estimate":
-            self.base_condition = self.base.encode_condition(self.reference_image(reference).to(device))
+            self.base_conditions = [self.base.encode_condition(self.reference_image(r).to(device)) for r in self.photos]
+            self.base_condition = self.base_conditions[0]
         else:
             self.base = None  # only the self-prompts needed it: free its memory
 
     def set_reference(self, reference) -> None:
         super().set_reference(reference)
-        self.reference = reference
+        self.photos = reference_list(reference)
+        self.reference = self.photos[0]
 
-    def reference_view(self) -> torch.Tensor:
-        return self.reference_camera.spherical[0].cpu()
+    def reference_view(self, reference=None) -> torch.Tensor:
+        return (self.reference_camera if reference is None else reference.camera).spherical[0].cpu()
 
     def refresh_condition(self) -> None:
         from lift3d.zero123.cascade import encode_cascade_condition
 
-        self.cascade = encode_cascade_condition(self.model, self.reference_image(self.reference).to(self.model.device),
-                                                self.reference_view(), self.prompt_images.to(self.model.device),
-                                                self.prompt_views)
+        prompts = [(self.prompt_images, self.prompt_views)] + list(getattr(self, "other_prompts", []))
+        self.cascades = [encode_cascade_condition(self.model, self.reference_image(r).to(self.model.device),
+                                                  self.reference_view(r), images.to(self.model.device), views)
+                         for r, (images, views) in zip(self.photos, prompts)]
+        self.cascade = self.cascades[0]
 
-    def self_prompts(self, reference, offsets, base_path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base model's views at the nearby offsets, generated once (see self_prompts.py)."""
+    def self_prompts(self, reference, offsets, base_path: str, photo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base model's views at the nearby offsets of photo ``photo``, generated once (see self_prompts.py)."""
         from lift3d.zero123.cascade import generate_prompts, nearby_views, weights_fingerprint
 
-        image, view = self.reference_image(reference), self.reference_view()
+        image, view = self.reference_image(reference), self.reference_view(reference)
         seed = int(getattr(self.context, "seed", 0))
         meta = {"base_model": base_path, "base_weights": weights_fingerprint(self.base),
                 "image_sha256": self_prompts.image_digest(image),
                 "input_view": [round(float(v), 4) for v in view], "offsets": [list(map(float, o)) for o in offsets],
                 "steps": self.cfg.prompt_steps, "scale": self.cfg.prompt_scale, "seed": seed}
-        trial = os.path.join(self.context.trial_dir, "save", "self_prompts") if self.context.trial_dir else None
+        trial = os.path.join(self.context.trial_dir, "save", "self_prompts", *([f"photo{photo + 1}"] if photo else [])) \
+            if self.context.trial_dir else None
         shared = None if self.cfg.prompt_cache_dir == "none" else \
             os.path.join(self.cfg.prompt_cache_dir or self_prompts.default_cache_dir(), self_prompts.cache_key(meta))
 
@@ -137,8 +149,9 @@ class CascadeZero123Prior(Zero123Prior):
         return images, nearby_views(view, offsets)
 
     def validation_images(self) -> list:
-        """The self-prompts (H, W, 3), shown after the validation renders."""
-        return [img.permute(1, 2, 0) for img in self.prompt_images]
+        """The self-prompts (H, W, 3), shown after the validation renders (every photo's)."""
+        images = [self.prompt_images] + [p for p, _ in getattr(self, "other_prompts", [])]
+        return [img.permute(1, 2, 0) for batch in images for img in batch]
 
     # ------------------------------------------------------------------ per step
 
@@ -155,13 +168,38 @@ class CascadeZero123Prior(Zero123Prior):
             image = x.permute(0, 3, 1, 2).float()
         else:  # the base's one-step estimate of the clean latent
             a = self.base.alphas_cumprod[torch.as_tensor(t, device=self.base.device).reshape(-1)].view(-1, 1, 1, 1)
-            eps = self.base.predict_noise(noisy, t, self.base_condition, self.poses(cameras), self.cfg.prompt_scale)
+            condition, pick = self.base_condition, self.nearest(cameras)
+            if pick is not None:      # several photos: each view's nearest photo's, as condition_for
+                from lift3d.zero123.model import Zero123Condition
+
+                condition = Zero123Condition(torch.cat([self.base_conditions[k].embedding for k in pick.tolist()]),
+                                             torch.cat([self.base_conditions[k].latent for k in pick.tolist()]))
+            eps = self.base.predict_noise(noisy, t, condition, self.poses(cameras), self.cfg.prompt_scale)
             x0 = (noisy.float() - (1 - a).sqrt() * eps) / a.sqrt()
             image = self.base.decode(x0)
         return embed(self.model, resize(image, self.image_size).clamp(0, 1))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        # The refiner's context is the reference, the coarse target and the self-prompts, not one pose.
+        raise UserError("method vsd needs a single-condition prior (zero123: Zero123, Stable-Zero123); the "
+                        "cascade-zero123 refiner is distilled with sds or sjc")
 
     def noise_chunk(self, noisy, t, cameras, guidance_scale, render) -> torch.Tensor:
         from lift3d.zero123.cascade import refiner_noise
 
         coarse = self.coarse_embedding(noisy, t, cameras, render)
-        return refiner_noise(self.model, noisy, t, self.cascade, cameras.spherical, guidance_scale, coarse)
+        pick = self.nearest(cameras)
+        if pick is None:
+            return refiner_noise(self.model, noisy, t, self.cascade, cameras.spherical, guidance_scale, coarse)
+        # Several photos: the views of each photo in one pass with its condition, put back in their order.
+        t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
+        targets, out = cameras.spherical, None
+        for k in pick.unique().tolist():
+            rows = torch.nonzero(pick == k).reshape(-1)
+            eps = refiner_noise(self.model, noisy[rows.to(noisy.device)], t[rows.to(t.device)], self.cascades[k],
+                                targets[rows.to(targets.device)], guidance_scale,
+                                None if coarse is None else coarse[rows.to(coarse.device)])
+            out = eps.new_empty((len(noisy),) + eps.shape[1:]) if out is None else out
+            out[rows.to(out.device)] = eps
+        return out

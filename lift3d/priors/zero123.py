@@ -5,6 +5,11 @@ original ``.ckpt`` or a hub id; empty: the bundled ``lift3d/assets/zero123-mini`
 ``prepare``. The reference view, composited on white at the model's resolution, is its condition; a
 guidance view's relative pose is Zero123's 4-vector (``pose_variant: zero123``) or Stable-Zero123's
 (``stable``: the condition's polar angle in the last slot).
+
+With several photos (``prepare`` given a list of reference views) each guidance view is conditioned on the
+photo whose camera looks from the nearest direction (:func:`lift3d.data.reference.nearest_reference`): its
+relative pose is taken against that photo's camera and the UNet pass batches each view's own condition
+(:meth:`Zero123Prior.condition_for`, :meth:`Zero123Prior.poses`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from lift3d.cameras import Cameras, zero123_pose
 from lift3d.config import domain
+from lift3d.data.reference import nearest_reference, reference_list
 from lift3d.errors import ConfigError, UserError
 from lift3d.priors.base import ViewConditionedPrior
 from lift3d.registry import register
@@ -93,9 +99,34 @@ class Zero123Prior(ViewConditionedPrior):
         return resize(image, self.image_size, mode="bicubic", antialias=True).clamp(0, 1)
 
     def set_reference(self, reference) -> None:
-        """Encode the reference view."""
-        self.condition = self.model.encode_condition(self.reference_image(reference).to(self.model.device))
-        self.reference_camera = reference.camera
+        """Encode the reference view, or each of several (a list: the primary first)."""
+        views = reference_list(reference)
+        self.condition = self.model.encode_condition(self.reference_image(views[0]).to(self.model.device))
+        self.reference_camera = views[0].camera
+        self.reference_cameras = Cameras.cat([v.camera.with_size(1, 1) for v in views])
+        self.conditions = self.condition
+        if len(views) > 1:
+            from lift3d.zero123.model import Zero123Condition
+
+            others = [self.model.encode_condition(self.reference_image(v).to(self.model.device)) for v in views[1:]]
+            self.conditions = Zero123Condition(torch.cat([self.condition.embedding] + [c.embedding for c in others]),
+                                               torch.cat([self.condition.latent] + [c.latent for c in others]))
+
+    def nearest(self, cameras: Cameras) -> Optional[torch.Tensor]:
+        """Each view's photo (B,): the one whose camera looks from the nearest direction; None with one photo."""
+        if len(self.reference_cameras) == 1:
+            return None
+        return nearest_reference(cameras, self.reference_cameras)
+
+    def condition_for(self, cameras: Cameras):
+        """The encoded condition of each view (its nearest photo's), batched; the photo's with one photo."""
+        pick = self.nearest(cameras)
+        if pick is None:
+            return self.condition
+        from lift3d.zero123.model import Zero123Condition
+
+        pick = pick.to(self.conditions.embedding.device)
+        return Zero123Condition(self.conditions.embedding[pick], self.conditions.latent[pick])
 
     # ------------------------------------------------------------------ the model
 
@@ -173,9 +204,12 @@ class Zero123Prior(ViewConditionedPrior):
         return self.model.decode(latents)
 
     def poses(self, cameras: Cameras) -> torch.Tensor:
-        """Zero123 relative pose (B, 4) of each guidance view w.r.t. the reference view."""
+        """Zero123 relative pose (B, 4) of each guidance view w.r.t. the reference view (with several photos,
+        w.r.t. its nearest photo's camera)."""
         stable = self.cfg.pose_variant == "stable"
-        return zero123_pose(cameras, self.reference_camera.to(cameras.device), stable=stable)
+        pick = self.nearest(cameras)
+        condition = self.reference_camera if pick is None else self.reference_cameras[pick.cpu()]
+        return zero123_pose(cameras, condition.to(cameras.device), stable=stable)
 
     def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
         """CFG ε̂ of the views, ``unet_chunk`` views per UNet pass (the same ε̂ as one pass)."""
@@ -187,8 +221,23 @@ class Zero123Prior(ViewConditionedPrior):
 
     def noise_chunk(self, noisy, t, cameras, guidance_scale, render) -> torch.Tensor:
         """One UNet pass: :meth:`predict_noise` for a few views."""
-        return self.model.predict_noise(noisy, t, self.condition, self.poses(cameras), guidance_scale)
+        return self.model.predict_noise(noisy, t, self.condition_for(cameras), self.poses(cameras), guidance_scale)
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def conditional_noise(self, noisy, t, cameras, drop_pose=None) -> torch.Tensor:
+        """ε_c of the views (one UNet pass, no CFG). A dropped camera is a zero pose vector before the
+        projection: the CLIP embedding stays, so the model still sees the object, from no stated view.
+        Without gradients ``unet_chunk`` views a pass, as :meth:`predict_noise`."""
+        pose = self.poses(cameras)
+        if drop_pose is not None:
+            pose = pose.masked_fill(drop_pose.to(pose.device).reshape(-1, 1), 0.0)
+        t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
+        n = len(noisy) if torch.is_grad_enabled() else (self.cfg.unet_chunk or len(noisy))
+        return torch.cat([self.model.conditional_noise(noisy[i:i + n], t[i:i + n], self.condition, pose[i:i + n])
+                          for i in range(0, len(noisy), n)])
 
     @torch.no_grad()
     def generate(self, cameras: Cameras, seeds, steps: int = 50, guidance_scale: float = 3.0, eta: float = 1.0,
@@ -201,7 +250,8 @@ class Zero123Prior(ViewConditionedPrior):
         latent_hw = tuple(self.condition.latent.shape[-2:])
         poses, out = self.poses(cameras), []
         for i, seed in enumerate(seeds):
-            eps = lambda x, t, p=poses[i:i + 1]: self.model.predict_noise(x, t, self.condition, p, guidance_scale)  # noqa: E731
+            c = self.condition_for(cameras[i:i + 1])
+            eps = lambda x, t, p=poses[i:i + 1], c=c: self.model.predict_noise(x, t, c, p, guidance_scale)  # noqa: E731
             start = None if init is None else init[i:i + 1]
             out.append(ddim(self.model, eps, 1, latent_hw, steps, eta, torch.Generator().manual_seed(int(seed)),
                             init=start, strength=strength).float().cpu())

@@ -88,6 +88,10 @@ class ImageTo3D(BaseSystem):
         # mean Chamfer / IoU 0.0584 / 0.306 against 0.0552 / 0.314: benchmarks/RESULTS.md, issue 22); the
         # export closes the holes white leaves (system.export.fit_mask). A latent field renders its own.
         reference_background: str = "white"
+        # With several photos (data.image_paths): how many of them are rendered and scored each step (0: all),
+        # a random pick without repeats each step; each is scored as the one photo is (the same lambda_rgb/mask,
+        # averaged over the photos rendered).
+        reference_views_per_step: int = domain(0, ge=0)
 
     def __init__(self, cfg: Any = None, path: str = "system"):
         super().__init__(cfg, path)
@@ -113,8 +117,11 @@ class ImageTo3D(BaseSystem):
         """{name: weight or schedule} for every loss term: LossConfig's and those the plugins declare."""
         guidance = find(self.cfg.guidance_type, "guidance") if self.cfg.guidance_type else None
         defaults = {f.name[len("lambda_"):]: f.default for f in dataclasses.fields(LossConfig)}
-        for part in (self.geometry, self.background, self.renderer, guidance):
-            for name, value in getattr(part, "loss_defaults", {}).items():
+        declared = [getattr(part, "loss_defaults", {}) for part in (self.geometry, self.background, self.renderer)]
+        if guidance is not None:   # a guidance's terms may depend on its config (a method's own, VSD's LoRA)
+            declared.append(guidance.declared_losses(self.cfg.guidance, "system.guidance"))
+        for losses_of_part in declared:
+            for name, value in losses_of_part.items():
                 defaults.setdefault(name, value)
         weights = dict(defaults)
         for key, value in (given or {}).items():
@@ -142,7 +149,20 @@ class ImageTo3D(BaseSystem):
 
     @property
     def reference(self):
+        """The primary photo (a ReferenceView): its camera is the run's input camera."""
         return self.data.reference_view()
+
+    @property
+    def references(self) -> list:
+        """Every photo (ReferenceViews), the primary first; one for a single-photo run."""
+        views = getattr(self.data, "reference_views", None)
+        return views() if views is not None else [self.reference]
+
+    def reference_batch(self, data) -> int:
+        """The reference views rendered per step with ``data`` (known before any image loads: its cameras)."""
+        n = len(getattr(data, "cameras", None) or [None])
+        k = self.cfg.reference_views_per_step
+        return min(k, n) if k else n
 
     def setup(self, data, context: RunContext, train: bool) -> None:
         super().setup(data, context, train)
@@ -169,7 +189,8 @@ class ImageTo3D(BaseSystem):
             raise UserError(f"system.geometry has {self.geometry.n_feature_dims} feature channels but guidance "
                             f"'{self.cfg.guidance_type}' works on {space} renders; set "
                             f"system.geometry.n_feature_dims={4 if space == 'latent' else 3}")
-        guidance.prepare(reference, context)
+        references = self.references
+        guidance.prepare(references if len(references) > 1 else reference, context)   # reference_list() reads both
         self.guidance = guidance
         self.guidance_state = guidance.trainable_state()   # a child module: checkpointed with the field
 
@@ -247,13 +268,32 @@ class ImageTo3D(BaseSystem):
             camera = camera.with_size(camera.height // f, camera.width // f)
         return camera.to(self.device)
 
+    def reference_cameras(self, indices=None) -> Cameras:
+        """The cameras of the photos ``indices`` (default: all) at the size the field renders them."""
+        references = self.references
+        indices = range(len(references)) if indices is None else indices
+        camera = Cameras.cat([references[int(i)].camera for i in indices])
+        if self.latent_field:
+            f = self.guidance.latent_factor if self.guidance is not None else 1
+            camera = camera.with_size(camera.height // f, camera.width // f)
+        return camera.to(self.device)
+
     def _reference_pixels(self):
-        """(the reference camera of this step, the matching pixels of a reference image on the device)."""
-        camera, stride = self.reference_camera(), self.cfg.reference_stride
+        """(this step's reference cameras, a function giving the matching pixels of the photos' images on the
+        device: (H, W, C) per photo -> (V, h, w, C)). One photo: its camera; several: all of them, or
+        ``reference_views_per_step`` drawn at random."""
+        references, k = self.references, self.cfg.reference_views_per_step
+        if len(references) == 1:
+            camera, pick = self.reference_camera(), [0]
+        else:
+            pick = torch.randperm(len(references))[:k].tolist() if 0 < k < len(references) else list(range(len(references)))
+            camera = self.reference_cameras(pick)
+        stack = lambda images: torch.stack([images[i] for i in pick])       # noqa: E731
+        stride = self.cfg.reference_stride
         if stride == 1:
-            return camera, lambda image: image.to(self.device)
+            return camera, lambda images: stack(images).to(self.device)
         row, col = torch.randint(stride, (2,)).tolist()
-        return camera.strided(stride, row, col), lambda image: image[row::stride, col::stride].to(self.device)
+        return camera.strided(stride, row, col), lambda images: stack(images)[:, row::stride, col::stride].to(self.device)
 
     def training_step(self, views: Cameras, step: int) -> dict:
         """Compute every weighted loss for one step. Returns {"loss": total, "loss_x": raw, ...}."""
@@ -270,8 +310,8 @@ class ImageTo3D(BaseSystem):
             bg = self._reference_background()
             out = ctx.outputs["reference"] = self.render(camera, bg_color=bg)
             # The targets at the render's size: the mask at the opacity's, the colour at the decoded RGB's.
-            ctx.reference_mask = resize(pixels(self.reference.mask)[None], out["opacity"].shape[1:3], mode="area",
-                                        channels_last=True)
+            ctx.reference_mask = resize(pixels([r.mask for r in self.references]), out["opacity"].shape[1:3],
+                                        mode="area", channels_last=True)
             if w["rgb"]:
                 rgb = self.to_rgb(out["comp_rgb"])
                 ctx.reference_rgb = self._reference_target(pixels, rgb.shape[1:3], bg)
@@ -323,12 +363,12 @@ class ImageTo3D(BaseSystem):
         return result
 
     def _reference_target(self, pixels, size, bg) -> torch.Tensor:
-        """(1, H, W, 3): the input composited on the reference render's background ``bg`` (None: white) at
+        """(V, H, W, 3): the photos composited on the reference render's background ``bg`` (None: white) at
         ``size``, premultiplied before resizing (the colour of fully transparent pixels is meaningless)."""
-        reference = self.reference
-        alpha = pixels(reference.mask)
-        premultiplied = torch.cat([pixels(reference.rgba[..., :3]) * alpha, alpha], -1)
-        rgba = resize(premultiplied[None], size, mode="area", channels_last=True)
+        references = self.references
+        alpha = pixels([r.mask for r in references])
+        premultiplied = torch.cat([pixels([r.rgba[..., :3] for r in references]) * alpha, alpha], -1)
+        rgba = resize(premultiplied, size, mode="area", channels_last=True)
         on = bg if bg is not None else torch.ones(3, device=rgba.device)
         return rgba[..., :3] + on * (1 - rgba[..., 3:])
 
@@ -342,7 +382,11 @@ class ImageTo3D(BaseSystem):
         renders = self.render_views(cameras.to(self.device))
         ref = self.render_views(self.reference_camera())
         extra = self.guidance.validation_images() if self.guidance is not None else []
-        return ([("input", reference.rgb), ("reference", _fit(ref[0], size))]
+        others = []
+        for i, other in enumerate(self.references[1:], start=2):     # the other photos and the field from their cameras
+            others += [(f"input {i}", _fit(other.rgb, size)), (f"reference {i}", _fit(self.render_views(
+                self.reference_cameras([i - 1]))[0], size))]
+        return ([("input", reference.rgb), ("reference", _fit(ref[0], size))] + others
                 + [(_azimuth(cameras, i), _fit(r, size)) for i, r in enumerate(renders)]
                 + [(f"guidance {i}", _fit(e, size)) for i, e in enumerate(extra)])
 
@@ -424,6 +468,9 @@ class ImageTo3D(BaseSystem):
 
             result = evaluate(exported["obj"], self.data.gt_mesh, protocol=protocol)
         result["reference_view"] = reference_view_scores(mesh, self.reference.camera, self.reference.rgba)
+        if len(self.references) > 1:      # every photo from its own camera (the first is reference_view again)
+            result["reference_views"] = [{"image": r.path, **reference_view_scores(mesh, r.camera, r.rgba)}
+                                         for r in self.references]
         cameras = self.data.val_views()
         field = self.render_views(cameras.to(self.device), opacity=True)
         cameras = cameras.with_size(*field["rgb"].shape[1:3])

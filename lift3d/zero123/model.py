@@ -168,6 +168,16 @@ class Zero123Model(nn.Module):
         noisy = noisy.to(self.device, self.dtype)
         return self.guided_noise(noisy, t, *self.cfg_batch(noisy, condition, pose), guidance_scale)
 
+    def conditional_noise(self, noisy: torch.Tensor, t: torch.Tensor, condition: Zero123Condition,
+                          pose: torch.Tensor) -> torch.Tensor:
+        """The conditional branch alone, ε_c (one UNet pass, no CFG; differentiable w.r.t. trainable
+        adapters on the UNet, e.g. VSD's LoRA). Returns float32."""
+        noisy = noisy.to(self.device, self.dtype)
+        concat = condition.latent.to(noisy.dtype).expand(len(noisy), -1, -1, -1)
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy))
+        ctx = self.context(condition, pose)
+        return self.unet(torch.cat([noisy, concat], dim=1), t, encoder_hidden_states=ctx).sample.float()
+
     def guided_noise(self, noisy: torch.Tensor, t, unet_in: torch.Tensor, ctx: torch.Tensor,
                      guidance_scale: float) -> torch.Tensor:
         """Run the UNet on a [uncond, cond] batch from :meth:`guidance_batch` and combine."""
