@@ -18,6 +18,8 @@ from lift3d.errors import UserError
 LAUNCH_EPILOG = """\
 Extra arguments are config overrides, key=value (no dashes). Shorthands:
   image=PATH                 the input image (data.image_path)
+  images=[A,B,...]           several photos of the object, the first the primary one (data.image_paths), with
+                             data.reference_cameras=[[ELEV,AZIM],...] or a JSON file (render-gso's cameras.json)
   gt=PATH                    a ground-truth mesh (data.gt_mesh): metrics.json after export
   resume=CKPT                continue from <trial>/ckpts/last.ckpt; with --test/--export, the model to use
   exp_root_dir=DIR name=N tag=T use_timestamp=false

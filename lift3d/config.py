@@ -324,7 +324,7 @@ class ExperimentConfig:
     applied: dict = field(default_factory=dict)   # written by load_config: the recipe, weights, example that ran
 
 
-SHORTHANDS = {"image": "data.image_path", "gt": "data.gt_mesh"}
+SHORTHANDS = {"image": "data.image_path", "images": "data.image_paths", "gt": "data.gt_mesh"}
 
 
 # --------------------------------------------------------------------------- merging

@@ -98,12 +98,16 @@ def apply_example(cfg: DictConfig, overrides: DictConfig) -> tuple[DictConfig, d
     example = cfg.pop("example", None)
     try:
         image = OmegaConf.select(overrides, "data.image_path", default=None)
+        photos = OmegaConf.select(overrides, "data.image_paths", default=None)
     except OmegaConfBaseException:    # a bad ${pkg:...}: not the example; load_config reports it
-        image = "?"
+        image, photos = "?", None
+    if photos:     # images=[...]: the user's photos, never the example's
+        example, image = None, image or str(photos[0])
     if example and (not image or ("image_path" in example and _same_file(str(image), _resolved(example.image_path)))):
         return OmegaConf.merge(cfg, {"data": example}), {"example": _resolved(example.get("image_path", ""))}
     applied = {}
-    if image and not OmegaConf.select(overrides, "data.default_elevation_deg", default=None):
+    cameras = OmegaConf.select(overrides, "data.reference_cameras", default=None)
+    if image and cameras is None and not OmegaConf.select(overrides, "data.default_elevation_deg", default=None):
         elevation = OmegaConf.select(cfg, "data.default_elevation_deg", default=None)
         if elevation is not None:
             log.warning("input view: assuming an elevation of %s degrees (the recipe's data.default_elevation_deg); "

@@ -41,6 +41,36 @@ def load_reference_image(path: str, size: Union[int, tuple[int, int]] = 256,
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if foreground_ratio is not None and not 0 < foreground_ratio <= 1:
         raise UserError(f"foreground_ratio must be in (0, 1] or null, got {foreground_ratio}")
+    image = _read_object(path)
+    if foreground_ratio is None:
+        return _resize_rgba(image, height, width)
+    return _recentre(image, height, width, fit_scale(image, height, width, foreground_ratio))
+
+
+def load_reference_images(paths: list, size: Union[int, tuple[int, int]] = 256,
+                          foreground_ratio: Optional[float] = ZERO123_FOREGROUND_RATIO) -> list:
+    """Several photos of one object, each (H, W, 4) as :func:`load_reference_image` makes it, framed consistently
+    with each other: their cameras share a distance and field of view, so one zoom must serve them all.
+
+    With a ``foreground_ratio`` each photo is centred on its object (the object's centre, at the origin, is where
+    every camera looks) and all are zoomed by **one** factor relative to their own size: the largest with which
+    every object fits in ``ratio`` of its frame (zooming each to fill the frame on its own would make a car seen
+    from the side as tall as one seen from the front). One path gives exactly :func:`load_reference_image`'s image.
+    With ``None`` every photo keeps its framing (only resized)."""
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if foreground_ratio is None or len(paths) == 1:
+        return [load_reference_image(p, (height, width), foreground_ratio) for p in paths]
+    if not 0 < foreground_ratio <= 1:
+        raise UserError(f"foreground_ratio must be in (0, 1] or null, got {foreground_ratio}")
+    images = [_read_object(p) for p in paths]
+    # Output pixels per source pixel, in units of the source's height (photos of other sizes zoom alike).
+    zoom = min(fit_scale(image, height, width, foreground_ratio) * image.shape[0] / height for image in images)
+    return [_recentre(image, height, width, zoom * height / image.shape[0]) for image in images]
+
+
+def _read_object(path: str) -> torch.Tensor:
+    """The file as (h, w, 4) straight alpha at its own size, matted if it has no transparency; a
+    :class:`UserError` when there is no foreground."""
     rgba = read_rgba(path)
     if rgba[..., 3].min() >= 0.99:
         rgba[..., 3] = matte_uniform_background(rgba[..., :3], path)
@@ -48,10 +78,7 @@ def load_reference_image(path: str, size: Union[int, tuple[int, int]] = 256,
                     "an RGBA PNG with the object cut out", path)
     if (rgba[..., 3] > 0.5).sum() < MIN_FOREGROUND_PIXELS:
         raise UserError(f"no foreground found in {path}: its alpha channel is (almost) empty")
-    image = torch.from_numpy(rgba)
-    if foreground_ratio is None:
-        return _resize_rgba(image, height, width)
-    return _recentre(image, height, width, foreground_ratio)
+    return torch.from_numpy(rgba)
 
 
 def read_rgba(path: str) -> np.ndarray:
@@ -123,9 +150,16 @@ def _resize_rgba(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.cat([rgb.clamp(0, 1), alpha], -1)
 
 
-def _recentre(image: torch.Tensor, height: int, width: int, ratio: float) -> torch.Tensor:
+def fit_scale(image: torch.Tensor, height: int, width: int, ratio: float) -> float:
+    """Output pixels per pixel of ``image`` that make its object's bounding box fit ``ratio`` of a
+    ``height`` x ``width`` frame, its longest side touching that limit."""
     top, bottom, left, right = foreground_bbox(image[..., 3])
-    scale = min(ratio * height / (bottom - top), ratio * width / (right - left))
+    return min(ratio * height / (bottom - top), ratio * width / (right - left))
+
+
+def _recentre(image: torch.Tensor, height: int, width: int, scale: float) -> torch.Tensor:
+    """``image`` scaled by ``scale`` with its object's bounding-box centre at the centre of the frame."""
+    top, bottom, left, right = foreground_bbox(image[..., 3])
     # Crop with a small margin so soft edges below the bbox threshold survive the crop.
     margin = max(2, int(0.02 * max(bottom - top, right - left)))
     h, w = image.shape[:2]

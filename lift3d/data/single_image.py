@@ -9,21 +9,30 @@ are sampled around the object at the same distance and FoV unless ranges are giv
 Guidance-view ``height``/``width``/``batch_size`` may be single numbers or lists that change at
 ``resolution_milestones`` (threestudio style): ``height: [64, 128]`` with
 ``resolution_milestones: [300]`` renders 64 px views before step 300 and 128 px after.
+
+Several photos of one object (``images=[a.png,b.png]``, i.e. ``image_paths``) come with their cameras
+(``reference_cameras``: a list of ``{elevation_deg, azimuth_deg[, camera_distance, fovy_deg]}`` or
+``[elevation, azimuth]``, or a JSON file such as render-gso's ``cameras.json``; missing keys take the
+``default_*`` values). The first photo is the primary one: its camera is the run's reference camera, at
+``default_azimuth_deg``; the others' azimuths are taken relative to it (so ``[[30, 0], [30, 90]]`` and
+``[[30, 40], [30, 130]]`` are the same run). With a ``foreground_ratio`` every photo is centred on its object
+and all are zoomed by one factor (:func:`lift3d.data.image.load_reference_images`): cameras at one distance
+see the object at one scale, so zooming each photo on its own would contradict them.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from lift3d.cameras import Cameras, orbit_views, sample_views
 from lift3d.config import domain
-from lift3d.data.image import ZERO123_FOREGROUND_RATIO, load_reference_image
-from lift3d.data.reference import ReferenceView
+from lift3d.data.image import ZERO123_FOREGROUND_RATIO, load_reference_images
+from lift3d.data.reference import ReferenceView, parse_reference_cameras
 from lift3d.errors import UserError
 from lift3d.plugin import Plugin
 from lift3d.registry import register
@@ -35,6 +44,10 @@ class SingleImageData(Plugin):
     @dataclass
     class Config:
         image_path: str = ""                       # RGBA PNG (or RGB on a plain background)
+        # Several photos of the object (images=[a.png,b.png]), the first the primary one, and their cameras: a list
+        # of {elevation_deg, azimuth_deg[, camera_distance, fovy_deg]} or [elev, azim], or a JSON file (module doc).
+        image_paths: list = field(default_factory=list)
+        reference_cameras: Any = None
         gt_mesh: Optional[str] = None              # ground-truth mesh (file or GSO folder): metrics, oracle
         # The reference view.
         reference_height: int = domain(256, ge=1)
@@ -79,8 +92,14 @@ class SingleImageData(Plugin):
         if c.gt_mesh and not os.path.isfile(os.path.join(c.gt_mesh, "meshes", "model.obj")):   # else a GSO folder
             require_file(c.gt_mesh, "ground-truth mesh", f"fix gt=PATH (or {path}.gt_mesh): a mesh file or a GSO "
                          "object folder")
-        self._reference: Optional[ReferenceView] = None
+        self._references: Optional[list] = None
         self._stage = 0
+        self.cameras = parse_reference_cameras(c.reference_cameras, self.image_paths() or [c.image_path],
+                                               self._default_camera(), f"{path}.reference_cameras")
+        # The run's frame: the first photo's camera at default_azimuth_deg, the others' azimuths relative to it.
+        first = self.cameras[0]["azimuth_deg"]
+        for camera in self.cameras:
+            camera["azimuth_deg"] = c.default_azimuth_deg + (camera["azimuth_deg"] - first)
 
     # ------------------------------------------------------------------ reference view
 
@@ -89,23 +108,50 @@ class SingleImageData(Plugin):
         """The ground-truth mesh to score against (and for the oracle guidance), or None."""
         return self.cfg.gt_mesh or None
 
-    def reference_camera(self) -> Cameras:
+    def _default_camera(self) -> dict:
         c = self.cfg
-        return Cameras.from_spherical(c.default_elevation_deg, c.default_azimuth_deg, c.default_camera_distance,
-                                      c.default_fovy_deg, c.reference_height, c.reference_width)
+        return {"elevation_deg": c.default_elevation_deg, "azimuth_deg": c.default_azimuth_deg,
+                "camera_distance": c.default_camera_distance, "fovy_deg": c.default_fovy_deg}
+
+    @property
+    def primary(self) -> dict:
+        """The primary (first) photo's camera in the run's frame: elevation_deg, azimuth_deg, camera_distance,
+        fovy_deg (the ``default_*`` values for a single photo without ``reference_cameras``)."""
+        return self.cameras[0]
+
+    def image_paths(self) -> list:
+        """The photos, the primary first ([] when none is given)."""
+        c = self.cfg
+        paths = [str(p) for p in c.image_paths]
+        if paths and c.image_path and c.image_path != paths[0]:
+            raise UserError(f"both {self.path}.image_path ({c.image_path}) and {self.path}.image_paths ({', '.join(paths)}) "
+                            "are given: pass image=PATH for one photo or images=[A,B,...] for several")
+        return paths or ([c.image_path] if c.image_path else [])
+
+    def reference_camera(self, index: int = 0) -> Cameras:
+        """The camera of photo ``index`` (0: the primary one) at the reference size."""
+        c, cam = self.cfg, self.cameras[index]
+        return Cameras.from_spherical(cam["elevation_deg"], cam["azimuth_deg"], cam["camera_distance"],
+                                      cam["fovy_deg"], c.reference_height, c.reference_width)
 
     def reference_view(self) -> ReferenceView:
-        """The preprocessed image and its camera (loaded once)."""
-        if self._reference is None:
+        """The primary photo, preprocessed, and its camera (loaded once, with the others)."""
+        return self.reference_views()[0]
+
+    def reference_views(self) -> list:
+        """Every photo preprocessed, with its camera, the primary first (loaded once): a list of ReferenceView."""
+        if self._references is None:
             c = self.cfg
-            if not c.image_path:
+            paths = self.image_paths()
+            if not paths:
                 raise UserError(f"{self.path}.image_path is empty; pass image=PATH (an RGBA PNG of the object)")
             from lift3d.preflight import check_reference_size
 
             check_reference_size(c.reference_height, c.reference_width)    # a memory bomb stops here, named
-            rgba = load_reference_image(c.image_path, (c.reference_height, c.reference_width), c.foreground_ratio)
-            self._reference = ReferenceView(rgba, self.reference_camera(), c.image_path)
-        return self._reference
+            images = load_reference_images(paths, (c.reference_height, c.reference_width), c.foreground_ratio)
+            self._references = [ReferenceView(rgba, self.reference_camera(i), path)
+                                for i, (rgba, path) in enumerate(zip(images, paths))]
+        return self._references
 
     # ------------------------------------------------------------------ guidance views
 
@@ -133,8 +179,8 @@ class SingleImageData(Plugin):
         """A batch of random guidance views at the current stage's size (on the CPU)."""
         c = self.cfg
         height, width = self.guidance_size
-        distance = c.camera_distance_range or [c.default_camera_distance] * 2
-        fovy = c.fovy_range or [c.default_fovy_deg] * 2
+        distance = c.camera_distance_range or [self.primary["camera_distance"]] * 2
+        fovy = c.fovy_range or [self.primary["fovy_deg"]] * 2
         return sample_views(self.batch_size, c.elevation_range, c.azimuth_range, distance, fovy, height, width,
                             uniform_sphere_fraction=c.uniform_sphere_fraction, generator=generator)
 
@@ -142,11 +188,12 @@ class SingleImageData(Plugin):
 
     def _orbit(self, n: int) -> Cameras:
         c = self.cfg
-        elevation = c.default_elevation_deg if c.eval_elevation_deg is None else c.eval_elevation_deg
-        distance = c.default_camera_distance if c.eval_camera_distance is None else c.eval_camera_distance
+        p = self.primary
+        elevation = p["elevation_deg"] if c.eval_elevation_deg is None else c.eval_elevation_deg
+        distance = p["camera_distance"] if c.eval_camera_distance is None else c.eval_camera_distance
         # View 0 looks from the reference azimuth, so the first frame is comparable with the input.
-        return orbit_views(n, elevation, distance, c.default_fovy_deg, c.eval_height, c.eval_width,
-                           azimuth_start_deg=c.default_azimuth_deg)
+        return orbit_views(n, elevation, distance, p["fovy_deg"], c.eval_height, c.eval_width,
+                           azimuth_start_deg=p["azimuth_deg"])
 
     def val_views(self) -> Cameras:
         return self._orbit(self.cfg.n_val_views)
