@@ -8,7 +8,8 @@ A prior is a :class:`~lift3d.plugin.Plugin` registered with kind ``prior``. It i
   (``image_size // latent_factor`` pixels a side);
 - ``alphas_cumprod`` (T,) and ``num_train_timesteps``: its DDPM noise schedule; ``dtype``: the dtype of
   its latents (float16 on a GPU when configured so);
-- ``encode(images, noise=None)`` (B,3,S,S) in [0, 1] -> scaled latents, differentiable; a VAE prior
+- ``tile(views)`` / ``untile``: the views one latent covers (identity but for multi-view priors);
+- ``encode(images, noise=None)`` (B,3,S,S) in [0, 1] (tiled) -> scaled latents, differentiable; a VAE prior
   samples its posterior with ``noise`` (B, C, h, w) when given, else draws it; ``decode(latents)`` back;
 - ``predict_noise(noisy, t, cameras, guidance_scale, render)``: classifier-free-guided ε̂ for the
   noisy latents of the views ``cameras`` (``render`` is the renderer's output for them, for priors that
@@ -32,6 +33,8 @@ from lift3d.plugin import Plugin
 
 class ViewConditionedPrior(Plugin):
     latent_channels: int = 4
+    #: the grey level behind the object in the images it scores and generates (1: white)
+    background: float = 1.0
 
     # ------------------------------------------------------------------ set-up
 
@@ -99,6 +102,21 @@ class ViewConditionedPrior(Plugin):
     def views(self, cameras):
         """The guidance views to render this step; by default the data module's random ones."""
         return cameras
+
+    def fixed_views(self, reference_camera):
+        """The views a multi-view prior always generates, relative to ``reference_camera`` (Zero123++'s six),
+        or None when it takes any cameras (generate-then-reconstruct then uses its rings)."""
+        return None
+
+    def tile(self, images: torch.Tensor) -> torch.Tensor:
+        """Views (B, C, h, w) (renders at ``image_size`` or latents at ``latent_size``) -> what one latent of
+        the prior covers: by default one view each; Zero123++ puts 6 views in one 3x2 tile. The guidance tiles
+        the renders before ``encode`` and ``predict_noise`` sees the tiles."""
+        return images
+
+    def untile(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`tile`."""
+        return images
 
     def validation_images(self) -> list:
         """Extra (H, W, 3) images shown after the validation renders."""
