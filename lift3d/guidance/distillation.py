@@ -138,10 +138,11 @@ class ScoreDistillation(BaseGuidance):
         if x.shape[1] != channels:
             raise UserError(f"guidance render_space '{space}' needs {channels}-channel renders, got {x.shape[1]}; "
                             "set system.guidance.render_space to match system.geometry.n_feature_dims")
+        # prior.tile: the views one latent covers (Zero123++: 6 views in a 3x2 tile; others: one each).
         if space == "latent":
-            return resize(x, self.prior.latent_size).to(self.prior.dtype)
+            return self.prior.tile(resize(x, self.prior.latent_size).to(self.prior.dtype))
         # resize() returns a contiguous batch: a channels-last view shifts CPU GroupNorm by ~1e-3.
-        return self.encode(resize(x, self.prior.image_size).contiguous())
+        return self.encode(self.prior.tile(resize(x, self.prior.image_size)).contiguous())
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The prior's encoder, ``encode_chunk`` images at a time. With gradients, each chunk's graph is
@@ -150,8 +151,8 @@ class ScoreDistillation(BaseGuidance):
         n = self.cfg.encode_chunk
         if len(images) <= n:
             return self.prior.encode(images)
-        s = self.prior.latent_size
-        noise = torch.randn(len(images), self.prior.latent_channels, s, s, device=images.device, dtype=self.prior.dtype)
+        h, w = (side // self.prior.latent_factor for side in images.shape[-2:])
+        noise = torch.randn(len(images), self.prior.latent_channels, h, w, device=images.device, dtype=self.prior.dtype)
         chunks = [(images[i:i + n], noise[i:i + n]) for i in range(0, len(images), n)]
         if not torch.is_grad_enabled() or not images.requires_grad:
             return torch.cat([self.prior.encode(x, e) for x, e in chunks])
