@@ -2,13 +2,14 @@
 
 The prior generates K views of the object once (``prior.generate``: DDIM, one seed per view, the
 configured CFG scale) at cameras on rings around the input: ``rings`` lists [elevation offset from the
-input's, number of views], spread evenly in azimuth from the input's (the input's own view is left out).
+input's, number of views], spread evenly in azimuth from the input's (the input's own view is left out);
+a multi-view prior with views of its own (``prior.fixed_views``: Zero123++'s six) generates those instead.
 They are cached in the trial folder (``save/generated/``: one PNG per view and ``generated.json`` with the
 cameras and settings) and reused on resume when the settings match.
 
 The field fits them through the ``losses(ctx)`` hook: each step ``views_per_step`` of them are rendered on
-white and compared with the generated images (``loss_views_rgb``) and with their silhouettes, the pixels
-that differ from the white background (``loss_views_mask``), weighted by ``system.loss.lambda_views_rgb`` /
+the prior's background (white; Zero123++: gray) and compared with the generated images (``loss_views_rgb``)
+and with their silhouettes, the pixels that differ from that background (``loss_views_mask``), weighted by ``system.loss.lambda_views_rgb`` /
 ``lambda_views_mask`` (by default 10x under the mini recipe's reference view). With ``method_type`` (sds,
 sjc), score distillation keeps running on the random views at ``lambda_guidance``; null (the default) turns it off.
 With ``refresh_every: N`` the views are regenerated every N steps from the field's renders of them by SDEdit
@@ -85,7 +86,10 @@ class MultiviewGuidance(ScoreDistillation):
 
     def prepare(self, reference, context: GuidanceContext) -> None:
         super().prepare(reference, context)
-        self.cameras = ring_cameras(reference_list(reference)[0].camera, self.cfg.rings)   # around the primary photo
+        primary = reference_list(reference)[0].camera
+        fixed = self.prior.fixed_views(primary)      # a multi-view prior's own views (Zero123++), else the rings
+        self.fixed = fixed is not None
+        self.cameras = fixed if self.fixed else ring_cameras(primary, self.cfg.rings)   # around the primary photo
         self.folder = os.path.join(context.trial_dir, "save", "generated") if context.trial_dir else None
         self.images = self._cached() if self.folder else None
         if self.images is None:
@@ -107,7 +111,7 @@ class MultiviewGuidance(ScoreDistillation):
         gt = render_albedo(load_mesh(mesh_path, normalize=True), self.cameras.with_size(size, size).to("cpu"))
         rows = []
         for image, target in zip(self.images.permute(0, 2, 3, 1), gt):
-            alpha = ((1 - image).amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).float()
+            alpha = ((image - self.prior.background).abs().amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).float()
             rows.append(compare_views(torch.cat([image, alpha], -1), target))
         scores = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr_image", "ssim", "silhouette_iou")}
         if self.folder:
@@ -156,19 +160,23 @@ class MultiviewGuidance(ScoreDistillation):
             self.refresh(ctx)
         pick = torch.randperm(len(self.cameras))[:c.views_per_step]
         size = c.render_size or self.images.shape[-1]
-        out = ctx.render(self.cameras[pick].with_size(size, size), bg_color=torch.ones(3))
+        out = ctx.render(self.cameras[pick].with_size(size, size), bg_color=self._background())
         if out["comp_rgb"].shape[-1] != 3:
             raise UserError("guidance multiview fits RGB renders; a latent field (n_feature_dims=4) cannot use it")
         target = resize(self.images[pick], size).permute(0, 2, 3, 1).to(out["comp_rgb"])
-        mask = ((1 - target).amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).to(target)
+        mask = ((target - self.prior.background).abs().amax(-1, keepdim=True) > BACKGROUND_TOLERANCE).to(target)
         terms = {"views_rgb": F.mse_loss(out["comp_rgb"], target), "views_mask": F.mse_loss(out["opacity"], mask)}
         return {**terms, **(super().losses(ctx) if self.distils else {})}   # a distilling method's own (VSD)
+
+    def _background(self) -> torch.Tensor:
+        """The prior's background colour (white, or Zero123++'s gray), behind the fitted renders."""
+        return torch.full((3,), float(self.prior.background))
 
     @torch.no_grad()
     def refresh(self, ctx) -> None:
         """SDEdit: the generated views again, from the field's renders of them."""
         size = self.images.shape[-1]
-        renders = ctx.render(self.cameras.with_size(size, size), bg_color=torch.ones(3))["comp_rgb"]
+        renders = ctx.render(self.cameras.with_size(size, size), bg_color=self._background())["comp_rgb"]
         seeds = [self.cfg.seed + ctx.step + i for i in range(len(self.cameras))]
         init = renders.permute(0, 3, 1, 2).clamp(0, 1)
         self.images = self.prior.generate(self.cameras.to(init.device), seeds, self.cfg.sample_steps,
@@ -182,6 +190,9 @@ class MultiviewGuidance(ScoreDistillation):
     def summary_rows(self) -> list:
         """The generated views, a ring per row, each titled with its camera."""
         images, spherical = self.images.permute(0, 2, 3, 1), self.cameras.spherical
+        if self.fixed:   # the prior's own views: one row
+            return [[("generated", None)] + [(f"el {spherical[i, 0]:.0f} az {spherical[i, 1] % 360:.0f}", images[i])
+                                             for i in range(len(images))]]
         rows, start = [], 0
         for offset, count in self.cfg.rings:
             n = int(count) - (1 if offset == 0 else 0)
