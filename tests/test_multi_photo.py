@@ -194,6 +194,37 @@ def test_generate_uses_the_nearest_photo(model_dir):
     assert torch.equal(two.generate(view, [5], steps=2), only_b.generate(view, [5], steps=2))
 
 
+@pytest.mark.parametrize("coarse", ["none", "estimate"])
+def test_cascade_refines_each_view_with_its_nearest_photo(tmp_path, model_dir, coarse):
+    from lift3d.zero123.cascade import CascadeLayout
+    from lift3d.zero123.random_model import random_zero123
+
+    refiner = str(tmp_path / "refiner")
+    random_zero123("tiny", seed=2).save_pretrained(refiner)
+    CascadeLayout(nearby=[[0, 45, 0], [30, 0, 0]], base_model=model_dir).save(refiner)
+    cfg = {"refiner_name_or_path": refiner, "prompt_steps": 2, "prompt_cache_dir": "none", "coarse_token": coarse}
+    a, b = reference(0.0, 0), reference(180.0, 1)
+
+    def cascade(references, trial):
+        from lift3d.guidance.base import GuidanceContext
+
+        p = find("cascade-zero123", "prior")({"pretrained_model_name_or_path": model_dir, **cfg})
+        p.prepare(references, GuidanceContext(device=torch.device("cpu"), trial_dir=str(tmp_path / trial)))
+        return p
+
+    two, only_a, only_b = cascade([a, b], "two"), cascade(a, "a"), cascade(b, "b")
+    assert (tmp_path / "two" / "save" / "self_prompts" / "photo2" / "prompts.json").is_file()
+    assert torch.equal(two.other_prompts[0][0], only_b.prompt_images) and len(two.validation_images()) == 4
+    views = Cameras.from_spherical([40.0, 10.0, 0.0], [170.0, 20.0, -160.0], 2.0, 40.0, 8, 8)
+    noisy = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([500, 300, 700])
+    eps = two.predict_noise(noisy, t, views, 3.0)
+    singles = torch.cat([only_b.predict_noise(noisy[0:1], t[0:1], views[0], 3.0),
+                         only_a.predict_noise(noisy[1:2], t[1:2], views[1], 3.0),
+                         only_b.predict_noise(noisy[2:3], t[2:3], views[2], 3.0)])
+    assert torch.allclose(eps, singles, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- the run
 
 
