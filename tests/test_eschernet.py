@@ -190,3 +190,75 @@ def test_incomplete_folder_and_unknown_variant_say_what(tiny, tmp_path):
         EscherNetModel.from_pretrained(str(named))
     with pytest.raises(UserError, match="pretrained_model_name_or_path"):
         EscherNetPrior({}).prepare(None, GuidanceContext(device=torch.device("cpu")))
+
+
+TINY_RUN = """
+name: escher
+tag: t
+use_timestamp: false
+trainer: {max_steps: 3, val_every: 0, ckpt_every: 3, device: cpu}
+data: {reference_height: 32, reference_width: 32, height: 16, width: 16, foreground_ratio: null, batch_size: 2,
+       n_val_views: 1, n_test_views: 1, eval_height: 16, eval_width: 16, default_camera_distance: 2.0,
+       camera_distance_range: [2.0, 2.0]}
+system:
+  geometry: {grid_size: 16, radius: 0.6}
+  renderer: {num_samples_per_ray: 16, use_occupancy_grid: false}
+  guidance_type: GUIDANCE
+  loss: {lambda_guidance: 1.0, lambda_rgb: 1.0}
+  export: {resolution: 16, texture_size: 32, relative_threshold: 1.0}
+"""
+SDS = """{method_type: sds, method: {guidance_scale: 3.0}, prior_type: eschernet, render_space: rgb,
+             prior: {pretrained_model_name_or_path: MODEL, variant: 4dof}}"""
+GENERATE = """{prior_type: eschernet, prior: {pretrained_model_name_or_path: MODEL, variant: 6dof},
+             rings: [[0, 2], [30, 1]], sample_steps: 2, views_per_step: 2}"""
+
+
+@pytest.mark.parametrize("guidance,guidance_type", [(SDS, "score-distillation"), (GENERATE, "multiview")])
+def test_a_run_reaches_an_exported_mesh(tmp_path, tiny, disc_image, guidance, guidance_type):
+    from lift3d.config import load_config
+    from lift3d.runner import Experiment
+
+    path = tmp_path / "escher.yaml"
+    path.write_text(TINY_RUN.replace("guidance_type: GUIDANCE", f"guidance_type: {guidance_type}\n  guidance: "
+                                     + guidance.replace("MODEL", tiny)))
+    exp = Experiment(load_config(str(path), [f"image={disc_image}", f"exp_root_dir={tmp_path / 'out'}"]))
+    records = []
+    real = exp.system.training_step
+    exp.system.training_step = lambda views, step: records.append(real(views, step)) or records[-1]
+    exp.train()
+    exp.export()
+    assert len(records) == 3 and all(torch.isfinite(torch.as_tensor(r["loss"])) for r in records)
+    if guidance_type == "score-distillation":
+        assert all(float(r["loss_guidance"]) > 0 for r in records)
+    else:
+        assert all(float(r["loss_views_rgb"]) > 0 for r in records)
+    assert exp.system.guidance.prior.model.variant == guidance.split("variant: ")[1][:4]
+    export = os.path.join(exp.trial_dir, "export")
+    assert {"model.obj", "model.mtl", "model.glb"} <= set(os.listdir(export))
+
+
+def test_published_config_falls_back_without_weights_and_uses_them_when_found(tmp_path, monkeypatch, caplog):
+    from lift3d.config import load_config
+
+    monkeypatch.setenv("LIFT3D_MODELS", str(tmp_path / "models"))
+    cfg = load_config("eschernet-sds", ["data.default_elevation_deg=10"])
+    assert cfg.applied.recipe == "recipes/zero123-mini.yaml" and cfg.name == "eschernet-sds"
+    lines = [r.getMessage() for r in caplog.records if "no published weights" in r.getMessage()]
+    assert len(lines) == 1 and "system.guidance.prior.pretrained_model_name_or_path=PATH" in lines[0]
+    (tmp_path / "models" / "eschernet-6dof").mkdir(parents=True)
+    cfg = load_config("eschernet-sds", ["data.default_elevation_deg=10"])
+    assert cfg.system.guidance.prior_type == "eschernet" and cfg.trainer.max_steps == 600
+    assert cfg.system.guidance.prior.pretrained_model_name_or_path == str(tmp_path / "models" / "eschernet-6dof")
+
+
+def test_memory_estimate_without_loading(tiny):
+    from lift3d.plugin import MemoryPlan
+
+    plan = MemoryPlan(stages=[[("guidance", 12, 64, 64)], [("guidance", 4, 128, 128)]])
+    small = EscherNetPrior({"pretrained_model_name_or_path": tiny, "views_per_pass": 4}).memory_estimate(plan)
+    assert small["model"][0] > 0 and small["unet"][0] > 0 and "views_per_pass (now 4)" in small["unet"][1]
+    published = EscherNetPrior({"pretrained_model_name_or_path": "kxic/eschernet-6dof", "views_per_pass": 4})
+    est = published.memory_estimate(plan)
+    assert est["model"][0] == 0 and 0.5 < est["unet"][0] < 3     # 4 views of 32x32 latents, both CFG halves
+    assert published.memory_estimate(plan)["unet"][0] < EscherNetPrior(
+        {"pretrained_model_name_or_path": "kxic/eschernet-6dof"}).memory_estimate(plan)["unet"][0]
