@@ -32,6 +32,7 @@ PLUGIN_MODULES = (
     "lift3d.priors.zero123",
     "lift3d.priors.cascade_zero123",
     "lift3d.priors.eschernet",
+    "lift3d.priors.zero123plus",
     "lift3d.guidance.sds",
     "lift3d.guidance.sjc",
     "lift3d.guidance.vsd",
