@@ -153,7 +153,7 @@ class VSD(DistillationMethod):
         t_min, t_max = self.step_range(prior, step)
         t = torch.randint(t_min, t_max + 1, (len(z),), device=z.device)
         alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noise = torch.randn_like(z, dtype=torch.float32)
+        noise = torch.randn(z.shape, device=z.device)   # not randn_like: the same draw whatever z's memory layout
         noisy = alpha.sqrt() * z.float() + (1 - alpha).sqrt() * noise
         eps_prior = prior.predict_noise(noisy, t, cameras, self.cfg.guidance_scale, render)
         eps_lora = self.lora_noise(prior, noisy, t, cameras)
@@ -175,7 +175,7 @@ class VSD(DistillationMethod):
         prior = self.prior
         t = torch.randint(0, prior.num_train_timesteps, (len(z),), device=z.device)
         alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noise = torch.randn_like(z)
+        noise = torch.randn(z.shape, device=z.device)
         noisy = alpha.sqrt() * z + (1 - alpha).sqrt() * noise
         drop = torch.rand(len(z), device=z.device) < self.cfg.lora_camera_dropout
         with self.lora():

@@ -236,8 +236,9 @@ class Zero123Prior(ViewConditionedPrior):
             pose = pose.masked_fill(drop_pose.to(pose.device).reshape(-1, 1), 0.0)
         t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
         n = len(noisy) if torch.is_grad_enabled() else (self.cfg.unet_chunk or len(noisy))
-        return torch.cat([self.model.conditional_noise(noisy[i:i + n], t[i:i + n], self.condition, pose[i:i + n])
-                          for i in range(0, len(noisy), n)])
+        parts = [slice(i, i + n) for i in range(0, len(noisy), n)]
+        return torch.cat([self.model.conditional_noise(noisy[s], t[s], self.condition_for(cameras[s]), pose[s])
+                          for s in parts])
 
     @torch.no_grad()
     def generate(self, cameras: Cameras, seeds, steps: int = 50, guidance_scale: float = 3.0, eta: float = 1.0,
