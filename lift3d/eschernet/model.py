@@ -26,7 +26,7 @@ from lift3d.eschernet.cape import CaPEAttnProcessor, ViewPoses
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODER_SIZE = 224   # the pipeline's fixed ConvNeXt input size
+ENCODER_SIZE = 224   # the pipeline's ConvNeXt input size, fixed whatever the encoder's config says
 
 
 class EscherNetModel(nn.Module):
@@ -80,8 +80,7 @@ class EscherNetModel(nn.Module):
         """Reference images (R, 3, H, W) in [0, 1] -> ConvNeXt input (the pipeline's [-1, 1] round trip,
         bicubic resize without antialiasing, ImageNet normalisation)."""
         x = (images_01.contiguous().to(self.device, self.dtype) * 2 - 1 + 1) / 2
-        size = int(getattr(self.image_encoder.config, "image_size", ENCODER_SIZE) or ENCODER_SIZE)
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        x = F.interpolate(x, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bicubic", align_corners=False)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
