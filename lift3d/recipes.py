@@ -104,7 +104,8 @@ def apply_example(cfg: DictConfig, overrides: DictConfig) -> tuple[DictConfig, d
     if photos:     # images=[...]: the user's photos, never the example's
         example, image = None, image or str(photos[0])
     if example and (not image or ("image_path" in example and _same_file(str(image), _resolved(example.image_path)))):
-        return OmegaConf.merge(cfg, {"data": example}), {"example": _resolved(example.get("image_path", ""))}
+        first = example.get("image_path") or (list(example.get("image_paths") or []) or [""])[0]
+        return OmegaConf.merge(cfg, {"data": example}), {"example": _resolved(first)}
     applied = {}
     cameras = OmegaConf.select(overrides, "data.reference_cameras", default=None)
     if image and cameras is None and not OmegaConf.select(overrides, "data.default_elevation_deg", default=None):
