@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(ROOT, "tests", "data", "step_losses.json")
 STEPS = 5
 CONFIGS = ("zero123-sjc-cpu", "zero123-sjc", "zero123-sds", "stable-zero123", "cascade-zero123", "oracle",
-           "zero123-gs-cpu", "dreamgaussian-zero123")
+           "zero123-gs-cpu", "dreamgaussian-zero123", "zero123-vsd-cpu")
 
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.val_every=0", "trainer.ckpt_every=0", "trainer.device=cpu",
           "trainer.num_threads=1", "use_timestamp=false", "image=examples/mushroom_rgba.png",
@@ -42,7 +42,11 @@ SMALL = {
     # DreamGaussian's ramp 128 -> 256 -> 512, shrunk to 8 -> 16 -> 16 px at steps 2 and 4.
     "dreamgaussian-zero123": ["data.resolution_milestones=[2,4]", "data.height=[8,16,16]", "data.width=[8,16,16]"]
     + GAUSSIANS,
+    # The main job with VSD: the LoRA's loss is recorded too (loss_lora).
+    "zero123-vsd-cpu": VOLUME + ["data.height=16", "data.width=16", "system.geometry.grid_size=16"],
 }
+# Where a config names its model, when not system.guidance.pretrained_model_name_or_path (a prior block).
+MODEL_KEY = {"zero123-vsd-cpu": "system.guidance.prior.pretrained_model_name_or_path"}
 
 
 def make_models(folder: str) -> dict:
@@ -68,7 +72,7 @@ def step_losses(name: str, folder: str) -> list:
     models = make_models(folder)
     extra = []
     if name not in ("oracle",):
-        extra.append(f"system.guidance.pretrained_model_name_or_path={models['base']}")
+        extra.append(f"{MODEL_KEY.get(name, 'system.guidance.pretrained_model_name_or_path')}={models['base']}")
     if name == "cascade-zero123":
         extra.append(f"system.guidance.refiner_name_or_path={models['refiner']}")
     threads = torch.get_num_threads()
