@@ -284,3 +284,28 @@ def test_one_photo_by_images_is_the_one_photo_run(tmp_path, photos):
 
     assert first_loss(f"image={photos[0]}") == first_loss(f"images=[{photos[0]}]")
     assert not math.isnan(first_loss(f"image={photos[0]}")[0])
+
+
+def test_the_export_uses_every_photo_and_one_photo_as_a_list_exports_the_same(tmp_path, photos):
+    from lift3d.export.mesh import export_mesh
+
+    exp = experiment(tmp_path, f"images=[{photos[0]},{photos[1]}]", "data.reference_cameras=[[30,0],[30,90]]",
+                     "system.export.resolution=24", "system.export.texture_size=64", "system.export.bake_size=16",
+                     "system.export.relative_threshold=null")
+    exp.system.setup(exp.data, exp.context(), train=False)
+    with torch.no_grad():       # a ball of density the photos' masks then carve
+        grid = exp.system.geometry.density_raw
+        grid.copy_(torch.full_like(grid, 5.0))
+    both = exp.system.export(str(tmp_path / "both"))
+    info = json.load(open(both["info"]))
+    assert "mask_fit_photo2" in info and "2 photos" in info["bake"] and len(info["other_photo_cameras"]) == 1
+    assert "(2 photos)" in info["level_method"]
+    primary = exp.system.reference
+    one = export_mesh(exp.system.geometry, str(tmp_path / "one"), exp.system.cfg.export, reference=primary,
+                      render=exp.system._bake_render, eval_size=16)
+    listed = export_mesh(exp.system.geometry, str(tmp_path / "listed"), exp.system.cfg.export, reference=[primary],
+                         render=exp.system._bake_render, eval_size=16)
+    a, b = json.load(open(one["info"])), json.load(open(listed["info"]))
+    for key in ("faces", "threshold", "level_method", "mask_fit", "bake", "texels_seen"):
+        assert a[key] == b[key], key
+    assert open(one["obj"]).read() == open(listed["obj"]).read()

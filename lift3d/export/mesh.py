@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lift3d.config import domain
+from lift3d.data.reference import reference_list
 from lift3d.errors import UserError
 from lift3d.export.frame import EXTRAS_KEY, UP_AXES, file_from_world, frame_description, info_path_for, marker_text
 from lift3d.utils import io
@@ -131,7 +132,9 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
     """Export ``geometry`` (a BaseGeometry) to ``out_dir``; returns {"obj", "mtl", "texture", "glb", "info"} paths.
 
     ``reference`` (a ReferenceView, optional) lets the automatic level match the user's image
-    (its camera and mask) and is projected onto the texture. ``render(cameras)`` -> (rgb on white
+    (its camera and mask) and is projected onto the texture; several photos (a list of them, the primary first):
+    the level matches all their masks, the grid is fitted to each mask and every photo is projected onto the
+    texture (``input_view.png`` and ``reference_camera`` are the primary one's). ``render(cameras)`` -> (rgb on white
     (B, H, W, 3), opacity (B, H, W, 1)) draws the field for ``bake="views"`` (the system's renderer:
     it decodes a latent field, whose RGB may be larger than the cameras); without it the texture
     comes from the field's colour. ``eval_size``: the bake views' size when ``bake_size`` is 0. The level is ``cfg.threshold`` if set, else ``cfg.relative_threshold`` x
@@ -149,11 +152,13 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
     grid = grid.detach().cpu().numpy() if hasattr(grid, "detach") else np.asarray(grid)
     grid = prepare_grid(grid, cfg.smooth, cfg.upsample, cfg.blur_kernel, cfg.erode, cfg.blur_sigma)
     radius = float(geometry.cfg.radius)
-    vertices, faces, info = _surface(grid, radius, cfg, reference)
+    photos = reference_list(reference) if reference is not None else []
+    reference = photos[0] if photos else None
+    vertices, faces, info = _surface(grid, radius, cfg, photos or None)
     info["seconds_surface"] = time.time() - t0
     if cfg.bake == "views" and render is not None:
-        color_fn = _view_color_fn(vertices, faces, reference, render, cfg.bake_size or eval_size, cfg.input_weight,
-                                  info)
+        color_fn = _view_color_fn(vertices, faces, photos or None, render, cfg.bake_size or eval_size,
+                                  cfg.input_weight, info)
     else:
         depth = cfg.bake_depth if cfg.bake_depth > 0 else 2 * (2 * radius / cfg.resolution)
         color_fn = field_color_fn(geometry, "volume" if cfg.bake == "views" else cfg.bake, depth, cfg.bake_samples)
@@ -169,6 +174,8 @@ def export_mesh(geometry, out_dir: str, cfg: Any = None, reference=None, render=
             paths["input_view"] = os.path.join(out_dir, INPUT_VIEW)
             io.save_image(paths["input_view"], (reference.rgba.float().cpu().numpy() * 255 + 0.5).astype(np.uint8))
             info["reference_camera"] = camera_record(reference.camera)
+            if len(photos) > 1:
+                info["other_photo_cameras"] = [camera_record(p.camera) for p in photos[1:]]
         info["seconds_total"] = time.time() - t0
         info["config"] = asdict(cfg)
         io.write_json(paths["info"], info)
@@ -186,12 +193,14 @@ def camera_record(camera) -> dict:
 
 def _view_color_fn(vertices: np.ndarray, faces: np.ndarray, reference, render, size: int, input_weight: float,
                    info: dict):
-    """``color(points, normals)`` from renders of the field at the bake cameras and the input photo."""
+    """``color(points, normals)`` from renders of the field at the bake cameras and the input photo (every photo)."""
     import trimesh
 
     from lift3d.export.view_bake import BakeView, bake_cameras, bake_from_views, views_from_renders
 
     t0 = time.time()
+    photos = reference_list(reference) if reference is not None else []
+    reference = photos[0] if photos else None
     if reference is not None:
         camera = reference.camera
         distance, fovy = float(camera.distance[0]), float(camera.fovy_deg[0])
@@ -202,16 +211,18 @@ def _view_color_fn(vertices: np.ndarray, faces: np.ndarray, reference, render, s
     cameras = bake_cameras(camera, distance, fovy, size)
     rgb, opacity = render(cameras)
     views = views_from_renders(cameras, rgb, opacity)
-    if reference is not None and input_weight > 0:
-        rgba = reference.rgba.float().cpu().numpy()
-        views.append(BakeView(camera[:1].to("cpu"), rgba[..., :3], rgba[..., 3], input_weight))
+    for photo in photos if input_weight > 0 else []:
+        rgba = photo.rgba.float().cpu().numpy()
+        views.append(BakeView(photo.camera[:1].to("cpu"), rgba[..., :3], rgba[..., 3], input_weight))
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     info["seconds_bake_renders"] = time.time() - t0
 
     def color(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
         colours, seen = bake_from_views(mesh, points, normals, views)
         info["bake"] = (f"views: {len(cameras)} renders of the field at {rgb.shape[1]} px"
-                        + (f" and the input photo (weight {input_weight:g})" if len(views) > len(cameras) else "")
+                        + (f" and the input photo (weight {input_weight:g})" if len(views) == len(cameras) + 1 else
+                           f" and the {len(views) - len(cameras)} photos (weight {input_weight:g} each)"
+                           if len(views) > len(cameras) else "")
                         + "; texels no view saw take the nearest seen texel's colour")
         info["texels_seen"] = float(seen.mean()) if len(seen) else 0.0
         return colours
@@ -249,7 +260,9 @@ def _surface_at(grid: np.ndarray, radius: float, level: float, cfg: ExportConfig
     if cfg.fit_mask and reference is not None and np.isfinite(grid).all():
         from lift3d.export.mask_fit import fit_to_mask
 
-        grid, extra["mask_fit"] = fit_to_mask(grid, radius, level, reference.camera, reference.mask)
+        for i, photo in enumerate(reference_list(reference)):     # several photos: fitted to each mask in turn
+            grid, report = fit_to_mask(grid, radius, level, photo.camera, photo.mask)
+            extra["mask_fit" if i == 0 else f"mask_fit_photo{i + 1}"] = report
     vertices, faces, info = surface_at_level(grid, radius, level, cfg.min_component_fraction, cfg.max_faces)
     info.update(extra)
     return vertices, faces, info
@@ -262,9 +275,18 @@ def auto_level(grid: np.ndarray, radius: float, mode: str = "auto", reference=No
 
     details: dict = {}
     if reference is not None and mode == "auto":
-        level = choose_level(grid, radius, reference.camera, reference.mask, ring_cameras=ring_views(radius),
-                             details=details)
-        details["method"] = "auto: reference view's mask (silhouette IoU)"
+        photos = reference_list(reference)
+        if len(photos) == 1:
+            camera, mask = photos[0].camera, photos[0].mask
+        else:      # every photo's rays and mask (they share one size)
+            import torch
+
+            from lift3d.cameras import Cameras
+
+            camera, mask = Cameras.cat([p.camera for p in photos]), torch.stack([p.mask[..., 0] for p in photos])
+        level = choose_level(grid, radius, camera, mask, ring_cameras=ring_views(radius), details=details)
+        details["method"] = "auto: reference view's mask (silhouette IoU)" + \
+            (f" ({len(photos)} photos)" if len(photos) > 1 else "")
     else:
         level = ring_level(grid, radius, details)
         details["method"] = "auto: the field's own opacity-1/2 surface from 8 views" + \

@@ -440,7 +440,9 @@ class ImageTo3D(BaseSystem):
         render = None
         if not self.latent_field or self.guidance is not None:
             render = self._bake_render
-        self.exported = export_mesh(self.geometry, out_dir, self.cfg.export, reference=self.reference, render=render,
+        photos = self.references    # several: the level, the mask fit and the texture use every photo
+        self.exported = export_mesh(self.geometry, out_dir, self.cfg.export, reference=photos if len(photos) > 1
+                                    else self.reference, render=render,
                                     eval_size=self.data.cfg.eval_height)
         return self.exported
 
