@@ -83,6 +83,7 @@ def test_the_primary_photo_defines_azimuth_zero(photos):
     (lambda p: {"image_paths": p, "reference_cameras": [[30, 0], ["up", 0]]}, "must be a number"),
     (lambda p: {"image_paths": p, "reference_cameras": "/nonexistent/cameras.json"}, "not found"),
     (lambda p: {"image_path": p[1], "image_paths": p, "reference_cameras": [[30, 0], [30, 90]]}, "both data.image_path"),
+    (lambda p: {"reference_cameras": [[30, 0]]}, "given but no photo"),
 ])
 def test_bad_input_is_one_line(photos, cfg, message):
     with pytest.raises(UserError) as e:

@@ -73,6 +73,8 @@ def parse_reference_cameras(spec, paths: list, defaults: dict, where: str) -> li
             raise UserError(f"{n} photos but no {where}: give each photo's camera, e.g. {where}="
                             "[[30,0],[30,90]] (elevation, azimuth in degrees) or a JSON file (render-gso's cameras.json)")
         return [dict(defaults)]
+    if not any(paths):
+        raise UserError(f"{where} is given but no photo: pass image=PATH or images=[A,B,...] with it")
     source = where
     from_file = isinstance(spec, str)
     if from_file:
