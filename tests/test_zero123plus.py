@@ -251,3 +251,36 @@ def test_runs_to_an_exported_mesh(tmp_path, folders, disc_image, kind):
         generated = os.path.join(exp.trial_dir, "save", "generated")
         assert sorted(f for f in os.listdir(generated) if f.endswith(".png")) == [f"view_{i:02d}.png" for i in range(6)]
         assert iio.imread(os.path.join(generated, "view_00.png")).shape == (32, 32, 3)
+
+
+def test_published_config_falls_back_without_weights_and_finds_them(tmp_path, monkeypatch, caplog, folders):
+    from lift3d.config import load_config
+
+    monkeypatch.setenv("LIFT3D_MODELS", str(tmp_path / "models"))
+    cfg = load_config("zero123plus-sds", ["data.default_elevation_deg=10"])
+    assert cfg.applied.recipe == "recipes/zero123-mini.yaml" and cfg.name == "zero123plus-sds"
+    lines = [r.getMessage() for r in caplog.records if "no published weights" in r.getMessage()]
+    assert len(lines) == 1 and "system.guidance.prior.pretrained_model_name_or_path=PATH" in lines[0]
+    import shutil
+
+    shutil.copytree(folders["v1.2"], tmp_path / "models" / "zero123plus-v1.2")
+    cfg = load_config("zero123plus-sds", ["data.default_elevation_deg=10"])
+    prior = cfg.system.guidance.prior
+    assert cfg.system.guidance.prior_type == "zero123plus" and cfg.trainer.max_steps == 600
+    assert prior.pretrained_model_name_or_path == str(tmp_path / "models" / "zero123plus-v1.2")
+    assert list(cfg.system.background.color) == [0.5, 0.5, 0.5]
+
+
+def test_memory_estimate_without_loading(folders):
+    from lift3d.guidance.distillation import ScoreDistillation
+    from lift3d.plugin import MemoryPlan
+
+    plan = MemoryPlan(stages=[[("guidance", 1, 128, 128)], [("guidance", 1, 256, 256)]])
+    tiny = Zero123PlusPrior({"pretrained_model_name_or_path": folders["v1.2"]}).memory_estimate(plan)
+    assert tiny["model"][0] > 0 and 0 < tiny["unet"][0] < 0.01
+    published = ScoreDistillation({"prior_type": "zero123plus",
+                                   "prior": {"pretrained_model_name_or_path": "sudo-ai/zero123plus-v1.2"}})
+    est = published.memory_estimate(plan)
+    # one tile of 120x80 latents and the 40x40 reference pass, both CFG halves; the tile's VAE encoder with
+    # gradients at its area (measured on a CPU in float32: 7.3 GiB for 960x640)
+    assert est["model"][0] == 0 and 0.5 < est["unet"][0] < 2 and 6 < est["vae"][0] < 10
