@@ -12,7 +12,8 @@ stage. The parts today:
   read whole); the UNet's forward pass (no gradients) on ``unet_chunk`` guidance views, both halves of
   classifier-free guidance, from the latent size and block widths (``UNET_GIB_PER_VIEW``, measured); the
   VAE encoder (RGB renders, ``encode_chunk`` images at a time) or decoder (a latent field's reference view)
-  with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured);
+  with gradients, from its block widths (``VAE_BYTES_PER_ELEMENT``, measured); ``lora`` (method ``vsd``): the
+  UNet's activations held for the LoRA's backward pass (``UNET_GRAD_GIB_PER_VIEW``);
 and, from this module:
 - ``heap``: with ``trainer.mmap_threshold_mib: 0`` on glibc, the freed render and VAE tensors that stay
   resident (lift3d/utils/heap.py), counted as one more render and VAE pass (measured: 1.5-2.0 GiB at
