@@ -413,24 +413,31 @@ class ImageTo3D(BaseSystem):
         """Rows of (label, image) at the eval size (decoded, for a latent field): the input, then the
         reference view and the validation views as the field renders them (RGB, normals, depth, opacity)
         and as the exported mesh shows them (textured, shaded). A validation view that is the input's own
-        camera is not repeated."""
+        camera is not repeated. With several photos, each photo's camera follows the input's, and a last row
+        shows those photos."""
+        photos = self.references
         cameras = self.data.val_views()
-        cameras = cameras[[i for i in range(len(cameras)) if not _same_view(cameras[i], self.reference.camera)]]
-        ref = self.render_views(self.reference_camera(), panels=True)
+        cameras = cameras[[i for i in range(len(cameras))
+                           if not any(_same_view(cameras[i], p.camera) for p in photos)]]
+        ref = self.render_views(self.reference_cameras(), panels=True)
         views = self.render_views(cameras.to(self.device), panels=True) if len(cameras) else None
         size = ref["rgb"].shape[1:3]               # a latent field's: the decoded size
-        labels = ["input camera"] + [_azimuth(cameras, i) for i in range(len(cameras))]
+        labels = (["input camera"] + [f"photo {i} camera" for i in range(2, len(photos) + 1)]
+                  + [_azimuth(cameras, i) for i in range(len(cameras))])
         kinds = ("rgb", "normal", "depth", "opacity")
-        mesh = self._mesh_panels(Cameras.cat([c.with_size(*size).to("cpu") for c in (self.reference.camera, cameras)]))
+        mesh = self._mesh_panels(Cameras.cat([c.with_size(*size).to("cpu") for c in [p.camera for p in photos] + [cameras]]))
         names = {"rgb": "field RGB", "normal": "field normals", "depth": "field depth", "opacity": "field opacity"}
         rows = []
         for kind in kinds:
-            images = [ref[kind][0]] + ([*views[kind]] if views is not None else [])
+            images = [*ref[kind]] + ([*views[kind]] if views is not None else [])
             rows.append([(names[kind], None)] + [(f"{label}" if kind == "rgb" else "", _fit(im, size))
                                                  for label, im in zip(labels, images)])
         rows[0][0] = ("input", _fit(self.reference.rgb, size))
         for name, images in zip(("mesh textured", "mesh shaded"), mesh):
             rows.append([(name, None)] + [("", _fit(im, size)) for im in images])
+        if len(photos) > 1:
+            rows.append([("other photos", None), ("", None)] + [(f"photo {i}", _fit(p.rgb, size))
+                                                                for i, p in enumerate(photos[1:], start=2)])
         extra = self.guidance.summary_rows() if self.guidance is not None else []
         return rows + [[(label, None if im is None else _fit(im, size)) for label, im in row] for row in extra]
 
