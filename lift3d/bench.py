@@ -10,6 +10,9 @@ go on. After every object the summary is rewritten: ``summary.csv``, ``summary.j
 the protocol and which direction is better). ``compare/<object>.png`` shows the ground truth and
 the reconstruction side by side, ray-cast from the input view and three more.
 
+``--photos 0,8`` gives each run several of the rendered views as its photos (``images=`` with the render's
+``cameras.json`` as ``data.reference_cameras``), the first the primary one; the default is the input view alone.
+
 Backends: ``local`` runs the objects one after the other in this process; ``ray`` runs them as
 Ray tasks (``ray.init(address)``: a local Ray by default, or a cluster whose nodes have lift3d
 installed and see the dataset and output folders at the same paths), each asking for
@@ -54,6 +57,7 @@ class ObjectTask:
     fresh: bool = False                                   # ignore a checkpoint left by a killed run
     render_options: dict = field(default_factory=dict)    # render_gso keywords (tests: small renders)
     eval_options: dict = field(default_factory=dict)      # protocol overrides (tests: few points)
+    photos: list = field(default_factory=list)            # rendered views given as photos (indices); []: the input
 
     @property
     def result_path(self) -> str:
@@ -73,6 +77,22 @@ def camera_overrides(cameras_json: str) -> list[str]:
     return ["data.foreground_ratio=null", f"data.default_elevation_deg={view['elevation_deg']}",
             f"data.default_azimuth_deg={view['azimuth_deg']}", f"data.default_camera_distance={view['distance']}",
             f"data.default_fovy_deg={view['fovy_deg']}"]
+
+
+def photo_overrides(cameras_json: str, photos: list) -> tuple[list, Optional[str]]:
+    """(``images=[...]`` and ``data.reference_cameras`` overrides, the primary photo) for the rendered views
+    ``photos`` (indices into the render's views); ([], None) for fewer than two."""
+    from lift3d.utils.inputs import read_json_object
+
+    if len(photos) < 2:
+        return [], None
+    views = read_json_object(cameras_json, "render cameras", "delete its folder to render again", keys=("views",))["views"]
+    bad = [i for i in photos if not 0 <= int(i) < len(views)]
+    if bad:
+        raise UserError(f"--photos {bad[0]} is not a rendered view (the render has views 0..{len(views) - 1})")
+    folder = os.path.dirname(cameras_json)
+    paths = [os.path.join(folder, views[int(i)]["image"]) for i in photos]
+    return [f"images=[{','.join(paths)}]", f"data.reference_cameras={cameras_json}"], paths[0]
 
 
 def launch_overrides(input_png: str, gt_mesh: str, out_dir: str, config: str) -> list[str]:
@@ -111,6 +131,8 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
     work = os.path.join(task.out, "objects", task.name)
     result = {"object": task.name, "object_dir": os.path.abspath(task.object_dir), "config": task.config,
               "overrides": list(task.overrides), "host": socket.gethostname(), "seconds": {}}
+    if task.photos:
+        result["photos"] = list(task.photos)
     t_start = time.time()
     stage = "render"
     try:
@@ -121,10 +143,12 @@ def run_object(task: ObjectTask, reconstruct: Optional[Reconstruct] = None) -> d
             render_gso(task.object_dir, render_dir, **task.render_options)
         result["seconds"]["render"] = time.time() - t0
         stage = "reconstruct"
-        overrides = (camera_overrides(os.path.join(render_dir, "cameras.json")) if task.camera_overrides else [])
+        cameras_json = os.path.join(render_dir, "cameras.json")
+        overrides = (camera_overrides(cameras_json) if task.camera_overrides else [])
+        photos, input_png = photo_overrides(cameras_json, task.photos)
         t0 = time.time()
-        trial = reconstruct(os.path.join(render_dir, "input.png"), gt, work, task.config,
-                            overrides + list(task.overrides))
+        trial = reconstruct(input_png or os.path.join(render_dir, "input.png"), gt, work, task.config,
+                            overrides + photos + list(task.overrides))
         result["seconds"]["reconstruct"] = time.time() - t0
         result["trial_dir"] = os.path.abspath(trial)
         pred = os.path.join(trial, "export", "model.obj")
@@ -170,14 +194,16 @@ def run_bench(dataset: str, config: str, out: str, objects: Optional[list] = Non
               address: Optional[str] = None, protocols: tuple = ("surface", "syncdreamer"), overrides: tuple = (),
               num_cpus: Optional[float] = None, num_gpus: Optional[float] = None, force: bool = False,
               camera_overrides: bool = True, reconstruct: Optional[Reconstruct] = None,
-              render_options: Optional[dict] = None, eval_options: Optional[dict] = None) -> dict:
+              render_options: Optional[dict] = None, eval_options: Optional[dict] = None,
+              photos: Optional[list] = None) -> dict:
     """Run the benchmark; returns the summary (also written to ``<out>/summary.{json,csv,md}``).
 
     ``objects``: names (default: every object of ``dataset``). ``force`` re-runs finished objects
     from scratch. Ray requests per task, when None, come from the config: ``num_cpus`` =
     ``trainer.num_threads`` (1 if 0); ``num_gpus`` = 0 for ``trainer.device: cpu``, else 1 when the
     Ray cluster has GPUs.
-    ``reconstruct`` replaces the launch.py run (tests, other engines).
+    ``reconstruct`` replaces the launch.py run (tests, other engines). ``photos``: rendered views (indices, the
+    primary first) each run gets as its photos, with their cameras; default: the input view alone.
     """
     from lift3d.data.gso import list_objects
     from lift3d.evaluation.protocols import get_protocol
@@ -199,7 +225,8 @@ def run_bench(dataset: str, config: str, out: str, objects: Optional[list] = Non
     # Absolute paths: Ray workers do not share the driver's working directory.
     dataset, config, out = os.path.abspath(dataset), os.path.abspath(config), os.path.abspath(out)
     tasks = [ObjectTask(n, os.path.join(dataset, n), out, config, list(overrides), list(protocols),
-                        camera_overrides, force, dict(render_options or {}), dict(eval_options or {}))
+                        camera_overrides, force, dict(render_options or {}), dict(eval_options or {}),
+                        [int(i) for i in photos or []])
              for n in names]
     results = {}
     todo = []
@@ -302,7 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run objects that already have a result")
     p.add_argument("--no-camera-overrides", action="store_true",
                    help="do not set data.default_* from the rendered input camera")
+    p.add_argument("--photos", type=photo_list, default=[],
+                   help="rendered views given as the run's photos with their cameras, the first the primary one, "
+                        "e.g. 0,8 (the input view and the one opposite; default: the input view alone)")
     return p
+
+
+def photo_list(text) -> list:
+    """``--photos``: view indices, comma-separated (argparse names the flag)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct view indices >= 0, comma-separated (e.g. 0,8), got {text!r}")
+    return values
 
 
 def main(argv: list) -> int:
@@ -314,7 +355,7 @@ def main(argv: list) -> int:
                         objects=[o for o in args.objects.split(",") if o] or None, backend=args.backend,
                         address=args.address, protocols=tuple(protocol_list(args.protocols)),
                         overrides=tuple(overrides), num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                        force=args.force, camera_overrides=not args.no_camera_overrides)
+                        force=args.force, camera_overrides=not args.no_camera_overrides, photos=args.photos)
     with open(os.path.join(args.out, "summary.md")) as f:
         print(f.read(), end="")
     return 0 if summary["n_failed"] == 0 else 1

@@ -310,3 +310,36 @@ def test_the_export_uses_every_photo_and_one_photo_as_a_list_exports_the_same(tm
     for key in ("faces", "threshold", "level_method", "mask_fit", "bake", "texels_seen"):
         assert a[key] == b[key], key
     assert open(one["obj"]).read() == open(listed["obj"]).read()
+
+
+def test_bench_gives_rendered_views_as_photos(tmp_path):
+    from lift3d.bench import build_parser, run_bench
+
+    seen = []
+
+    def reconstruct(input_png, gt, out_dir, config, overrides):
+        seen.append((input_png, overrides))
+        raise RuntimeError("stop after the arguments")       # recorded as a failed object
+
+    dataset = str(tmp_path / "objects")
+    import shutil
+
+    from lift3d.data.gso import mesh_path
+
+    shutil.copytree("lift3d/examples/objects/car", f"{dataset}/car")
+    assert mesh_path(f"{dataset}/car")
+    run_bench(dataset, "zero123-sjc-cpu", str(tmp_path / "out"), reconstruct=reconstruct, photos=[0, 2],
+              render_options={"resolution": 16, "n_views": 4, "samples_per_pixel": 1}, protocols=("surface",))
+    (input_png, overrides), = seen
+    render = tmp_path / "out" / "objects" / "car" / "render"
+    assert input_png == str(render / "000.png")
+    assert f"images=[{render / '000.png'},{render / '002.png'}]" in overrides
+    assert f"data.reference_cameras={render / 'cameras.json'}" in overrides
+    result = json.load(open(tmp_path / "out" / "results" / "car.json"))
+    assert result["photos"] == [0, 2] and result["status"] == "failed"
+    assert build_parser().parse_args(["--dataset", "d", "--config", "c", "--out", "o", "--photos", "0,8"]).photos == [0, 8]
+    seen.clear()
+    run_bench(dataset, "zero123-sjc-cpu", str(tmp_path / "out2"), reconstruct=reconstruct, photos=[0, 9],
+              render_options={"resolution": 16, "n_views": 4, "samples_per_pixel": 1}, protocols=("surface",))
+    bad = json.load(open(tmp_path / "out2" / "results" / "car.json"))
+    assert "--photos 9 is not a rendered view" in bad["error"] and not seen
