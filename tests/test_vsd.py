@@ -341,3 +341,24 @@ def test_published_configs_fall_back_without_weights_and_use_them_when_found(nam
     given = load_config(name, [f"image={image}", "system.guidance.prior.pretrained_model_name_or_path=/w/xl"])
     assert given.applied.weights == "given" and given.system.guidance.prior.pretrained_model_name_or_path == "/w/xl"
     assert given.trainer.max_steps == found.trainer.max_steps > 400
+
+
+def test_multiview_with_vsd_beside_the_generated_views(model_dir, tmp_path):
+    """Generate-then-reconstruct with VSD on the random views: the LoRA is the guidance's state and its loss
+    joins the views' (``system.loss.lambda_lora``)."""
+    from lift3d.guidance.multiview import MultiviewGuidance
+    from lift3d.plugin import StepContext
+
+    cfg = {"method_type": "vsd", "prior": {"pretrained_model_name_or_path": model_dir}, "rings": [[0, 2]],
+           "sample_steps": 2, "views_per_step": 1}
+    assert MultiviewGuidance.declared_losses(cfg) == {"views_rgb": 100.0, "views_mask": 100.0, "lora": 1.0}
+    g = MultiviewGuidance(cfg, path="system.guidance")
+    g.prepare(reference(), GuidanceContext(device=torch.device("cpu")))
+    assert g.trainable_state() is g.method.state and g.param_groups(0.1)[0]["lr"] == 1e-3
+    z = torch.randn(2, 8, 8, 4, requires_grad=True)
+    g({"comp_rgb": z}, VIEWS, step=0)["loss_guidance"].backward()
+    assert z.grad.abs().sum() > 0
+    render = lambda cams, bg_color=None: {"comp_rgb": torch.rand(len(cams), cams.height, cams.width, 3),  # noqa: E731
+                                          "opacity": torch.rand(len(cams), cams.height, cams.width, 1)}
+    terms = g.losses(StepContext(step=1, render=render))
+    assert set(terms) == {"views_rgb", "views_mask", "lora"} and terms["lora"].requires_grad
