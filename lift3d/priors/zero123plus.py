@@ -36,6 +36,9 @@ from lift3d.utils.images import resize
 
 log = logging.getLogger(__name__)
 
+# The tile's VAE encoder with gradients, float32, 960x640, SD's VAE, layers recomputed in backward (measured on a
+# CPU: the peak resident memory of encode + backward above the model's; 7.3 GiB without the recomputation).
+TILE_ENCODER_GIB = 3.4
 # Published sizes, for the memory estimate before any download (SD-2 UNet and VAE, 320-px views).
 PUBLISHED = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "sample_size": 96},
              "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}}
@@ -138,7 +141,7 @@ class Zero123PlusPrior(ViewConditionedPrior):
             return self.model.image_size
         from lift3d.zero123plus.model import processor_size
 
-        proc = self.part_config("feature_extractor_vae")
+        proc = self.folder_config("feature_extractor_vae")
         return processor_size(proc) if proc else 320
 
     @property
@@ -148,7 +151,7 @@ class Zero123PlusPrior(ViewConditionedPrior):
     @property
     def latent_factor(self) -> int:
         blocks = self.model.vae.config.block_out_channels if self.model is not None else \
-            self.part_config("vae")["block_out_channels"]
+            self.folder_config("vae")["block_out_channels"]
         return 2 ** (len(blocks) - 1)
 
     @property
@@ -192,7 +195,7 @@ class Zero123PlusPrior(ViewConditionedPrior):
 
     # ------------------------------------------------------------------ memory, before loading
 
-    def part_config(self, part: str) -> dict:
+    def folder_config(self, part: str) -> dict:
         """A part's config.json in the folder, without loading it; the published sizes for a hub id."""
         from lift3d.utils.inputs import read_json_object
 
@@ -203,17 +206,17 @@ class Zero123PlusPrior(ViewConditionedPrior):
             cfg = read_json_object(path, f"{part} config", f"the model folder {folder} is damaged: re-download it")
         else:
             cfg = dict(PUBLISHED.get(part, {}))
-        if part == "vae":   # what the guidance encodes is a tile: its area as a square's side
-            cfg = {**cfg, "sample_size": int(round(math.sqrt(6) * self.image_size))}
         return cfg
 
     def memory_estimate(self, plan) -> dict:
         """The weights (every part: the text encoder is held while the empty prompt is encoded), a UNet pass
-        on one tile (both CFG halves) and the reference pass on the condition latent, plus the decoder with
-        gradients when a latent reference render is decoded (lift3d/preflight.py's measured rates)."""
+        on one tile (both CFG halves) and the reference pass on the condition latent (lift3d/preflight.py's
+        measured rates); for RGB renders the tile's VAE encoder with gradients, layer by layer recomputed
+        (:func:`lift3d.zero123plus.model.checkpoint_encoder`: TILE_ENCODER_GIB for a 960x640 tile, measured),
+        for a latent field the decoder when the reference render is decoded."""
         from lift3d.preflight import unet_gib, vae_gib, weights_gib
 
-        unet = self.part_config("unet")
+        unet = self.folder_config("unet")
         f, s = self.latent_factor, self.image_size
         view = (s // f) ** 2
         tiles = max((-(-views // 6) for views, _, _ in plan.renders("guidance")), default=1)
@@ -221,7 +224,12 @@ class Zero123PlusPrior(ViewConditionedPrior):
         folder = self.cfg.pretrained_model_name_or_path
         parts = {"model": (weights_gib(folder, self.cfg.variant) if folder else 0.0, None),
                  "unet": (activations, None)}
+        vae = self.folder_config("vae")
+        width = sum(vae.get("block_out_channels", PUBLISHED["vae"]["block_out_channels"])) / 1408
         if plan.latent_field:
-            vae = {**self.part_config("vae"), "sample_size": s}
-            parts["vae"] = (vae_gib(vae, 1, decoder=True) if plan.decode_reference else 0.0, None)
+            parts["vae"] = (vae_gib({**vae, "sample_size": s}, 1, decoder=True) if plan.decode_reference else 0.0,
+                            None)
+        else:
+            half = self.cfg.dtype == "float16" and torch.cuda.is_available()
+            parts["vae"] = (TILE_ENCODER_GIB * width * 6 * s * s / (960 * 640) * (0.5 if half else 1.0), None)
         return parts

@@ -123,6 +123,38 @@ def install_reference_attention(unet) -> _ReferenceState:
     return state
 
 
+# ---------------------------------------------------------------------------- the tile encoder's memory
+
+
+class _Checkpointed(nn.Module):
+    """A module whose activations are recomputed in the backward pass instead of held (same values)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.module, *args, use_reentrant=False, **kwargs)
+        return self.module(*args, **kwargs)
+
+
+def checkpoint_encoder(vae) -> None:
+    """Recompute each resnet, downsampler and mid-block layer of the VAE encoder in backward (the same values):
+    encoding a 960x640 tile and its backward peak at 3.3 GiB above the weights in float32 with this, 7.3 GiB
+    without (5.2 with diffusers' per-block checkpointing; measured on a CPU)."""
+    encoder = vae.encoder
+    for block in encoder.down_blocks:
+        block.resnets = nn.ModuleList(_Checkpointed(m) for m in block.resnets)
+        if block.downsamplers is not None:
+            block.downsamplers = nn.ModuleList(_Checkpointed(m) for m in block.downsamplers)
+    mid = encoder.mid_block
+    mid.resnets = nn.ModuleList(_Checkpointed(m) for m in mid.resnets)
+    mid.attentions = nn.ModuleList(_Checkpointed(m) if m is not None else m for m in mid.attentions)
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -145,6 +177,7 @@ class Zero123PlusModel(nn.Module):
         self.register_buffer("ramp", ramp, persistent=False)                     # (L,)
         self.vae_processor, self.clip_processor = vae_processor, clip_processor
         self.reference = install_reference_attention(unet)
+        checkpoint_encoder(vae)
         self.requires_grad_(False)
         self.eval()
 
