@@ -362,3 +362,14 @@ def test_multiview_with_vsd_beside_the_generated_views(model_dir, tmp_path):
                                           "opacity": torch.rand(len(cams), cams.height, cams.width, 1)}
     terms = g.losses(StepContext(step=1, render=render))
     assert set(terms) == {"views_rgb", "views_mask", "lora"} and terms["lora"].requires_grad
+
+
+def test_lambda_lora_is_a_loss_weight_with_vsd_only(tmp_path, model_dir, disc_image):
+    from lift3d.runner import Experiment
+
+    path = tmp_path / "vsd.yaml"
+    path.write_text(VSD_TINY.replace("MODEL", model_dir))
+    args = [f"image={disc_image}", f"exp_root_dir={tmp_path / 'out'}", "system.loss.lambda_lora=0.5"]
+    assert Experiment(load_config(str(path), args)).system.loss_weights["lora"] == 0.5
+    with pytest.raises(ConfigError, match="lambda_lora"):      # SDS trains nothing: no such loss
+        Experiment(load_config(str(path), args + ["system.guidance.method_type=sds"]))
