@@ -177,8 +177,8 @@ def reference_view(size=32, azimuth=0.0):
 def test_prior_scores_a_tile_of_renders_and_generates_six_views(folders):
     from lift3d.guidance.distillation import ScoreDistillation
 
-    guidance = ScoreDistillation({"prior_type": "zero123plus", "prior": {"pretrained_model_name_or_path": folders["v1.2"]},
-                                  "method": {"guidance_scale": 4.0}})
+    guidance = ScoreDistillation({"prior_type": "zero123plus", "method": {"guidance_scale": 4.0},
+                                  "prior": {"pretrained_model_name_or_path": folders["v1.2"]}})
     # Several photos: Zero123++ conditions on the primary one.
     guidance.prepare([reference_view(), reference_view(azimuth=90.0)], GuidanceContext(device=torch.device("cpu")))
     prior = guidance.prior
@@ -223,8 +223,9 @@ system:
   loss: {lambda_guidance: 1.0, lambda_rgb: 1.0, LOSSES}
   export: {resolution: 16, texture_size: 32, relative_threshold: 1.0}
 """
-SDS = ("guidance_type: score-distillation\n  guidance: {prior_type: zero123plus, prior: {pretrained_model_name_or_path: MODEL},"
-       " method_type: sds, method: {guidance_scale: 4.0}}", "lambda_mask: 1.0")
+SDS = ("guidance_type: score-distillation\n  guidance: {prior_type: zero123plus, "
+       "prior: {pretrained_model_name_or_path: MODEL}, method_type: sds, method: {guidance_scale: 4.0}}",
+       "lambda_mask: 1.0")
 MV = ("guidance_type: multiview\n  guidance: {prior_type: zero123plus, prior: {pretrained_model_name_or_path: MODEL},"
       " sample_steps: 2, sample_scale: 4.0, views_per_step: 2}", "lambda_views_rgb: 10.0, lambda_views_mask: 1.0")
 

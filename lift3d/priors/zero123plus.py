@@ -28,7 +28,7 @@ import torch
 
 from lift3d.cameras import Cameras
 from lift3d.config import domain
-from lift3d.errors import ConfigError, UserError
+from lift3d.errors import UserError
 from lift3d.priors.base import ViewConditionedPrior
 from lift3d.priors.zero123 import DTYPES, check_choice
 from lift3d.registry import register

@@ -288,7 +288,8 @@ class Zero123PlusModel(nn.Module):
 
     # ------------------------------------------------------------------ latents
 
-    def encode(self, images_01: torch.Tensor, noise: Optional[torch.Tensor] = None, sample: bool = True) -> torch.Tensor:
+    def encode(self, images_01: torch.Tensor, noise: Optional[torch.Tensor] = None,
+               sample: bool = True) -> torch.Tensor:
         """Tiles (B, 3, H, W) in [0, 1] -> diffusion latents (differentiable). ``noise``: the posterior
         sample's noise (else drawn); ``sample=False``: the posterior mean."""
         x = ((images_01.contiguous() * 2 - 1) * IMAGE_GAIN).to(self.dtype)
@@ -325,7 +326,7 @@ class Zero123PlusModel(nn.Module):
         ``add_noise`` then ``scale_model_input``."""
         sigma = self.sigmas_at(t).to(latents.device).view(-1, 1, 1, 1)
         noisy = latents + noise.to(latents) * sigma.to(latents.dtype)
-        return noisy / ((sigma ** 2 + 1) ** 0.5)
+        return (noisy / ((sigma ** 2 + 1) ** 0.5)).to(latents.dtype)
 
     def model_output(self, noisy: torch.Tensor, t, condition: Zero123PlusCondition, guidance_scale: float,
                      reference_noise: Optional[torch.Tensor] = None,
@@ -443,7 +444,8 @@ def missing_parts(folder: str) -> list:
     missing = [] if os.path.isfile(os.path.join(folder, "model_index.json")) else ["model_index.json"]
     configs = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                "vision_encoder": "config.json", "scheduler": "scheduler_config.json",
-               "feature_extractor_clip": "preprocessor_config.json", "feature_extractor_vae": "preprocessor_config.json"}
+               "feature_extractor_clip": "preprocessor_config.json",
+               "feature_extractor_vae": "preprocessor_config.json"}
     for part in PARTS:
         sub = os.path.join(folder, part)
         if not os.path.isdir(sub):

@@ -74,7 +74,7 @@ def scheduler_config(version: str) -> dict:
 
 def _byte_symbols() -> list:
     """The 256 printable stand-ins of byte-level BPE for the bytes 0..255 (GPT-2/CLIP's table, in its order)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     out, extra = [], 0
     codes = {}
     for b in range(256):
@@ -172,7 +172,8 @@ def write_random_zero123plus(out_dir: str, version: str = "v1.2", size: str = "t
         raise NotImplementedError("a full-size tokenizer needs CLIP's vocabulary; copy tokenizer/ from the published "
                                   "folder")
     view = VIEW_SIZE[size]
-    _json(os.path.join(tmp, "feature_extractor_vae", "preprocessor_config.json"), _processor(view, [0.5] * 3, [0.5] * 3))
+    _json(os.path.join(tmp, "feature_extractor_vae", "preprocessor_config.json"),
+          _processor(view, [0.5] * 3, [0.5] * 3))
     _json(os.path.join(tmp, "feature_extractor_clip", "preprocessor_config.json"),
           _processor(VISION[size]["image_size"], CLIP_MEAN, CLIP_STD))
     _json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(version))
