@@ -12,7 +12,8 @@ its depth-ControlNet transforms from it at class definition only, so an empty st
 (after diffusers had been imported). The condition was the 32 px RGBA image stored here (binary alpha, so the
 reference's gray composite is exact). Two calls per version:
 1. ``torch.manual_seed(1234); pipe(image, num_inference_steps=3, guidance_scale=4.0, width=64, height=96,
-   latents=x_T, output_type="latent")`` with the folder's scheduler (v1.1 leading, v1.2 trailing timesteps),
+   latents=x_T, output_type="latent")`` with the folder's scheduler (its default "linspace" timesteps: 999,
+   499.5 and 0, a fractional one between),
    recording through hooks what the UNet was given and what the scheduler got at each step: the condition
    latents (posterior samples), the reference latents' noise (``add_noise``'s argument), x_t (the UNet input),
    t, the guided v (``scheduler.step``'s model_output) and ε = (sample − x0)/σ from the scheduler's own x0.

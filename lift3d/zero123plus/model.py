@@ -321,6 +321,16 @@ class Zero123PlusModel(nn.Module):
         w = t - lo.double()
         return ((1 - w) * table[lo] + w * table[hi]).float()
 
+    def alpha_at(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at timesteps ``t``: the schedule's own at integers, 1 / (1 + σ²) of the interpolated σ between them
+        (the Euler scheduler's fractional timesteps)."""
+        whole = t == t.round()
+        table = self.alphas_cumprod[t.round().long().clamp(0, self.num_train_timesteps - 1)]
+        if bool(whole.all()):
+            return table
+        between = (1 / (1 + self.sigmas_at(t).double() ** 2)).float().to(table.device)
+        return torch.where(whole, table, between)
+
     def noisy_reference(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The reference latents at timesteps ``t`` (per row): (c + σ n) / √(σ² + 1), the scheduler's
         ``add_noise`` then ``scale_model_input``."""
@@ -359,11 +369,11 @@ class Zero123PlusModel(nn.Module):
         return uncond + guidance_scale * (cond - uncond)
 
     def to_epsilon(self, output: torch.Tensor, noisy: torch.Tensor, t) -> torch.Tensor:
-        """ε from the model's output (v: ε = √ᾱ v + √(1−ᾱ) x_t) at integer timesteps ``t``."""
+        """ε from the model's output (v: ε = √ᾱ v + √(1−ᾱ) x_t) at timesteps ``t``."""
         if self.prediction_type == "epsilon":
             return output.float()
-        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy)).round().long()
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy)).float()
+        a = self.alpha_at(t).view(-1, 1, 1, 1)
         if self.prediction_type == "v_prediction":
             return a.sqrt() * output.float() + (1 - a).sqrt() * noisy.float()
         if self.prediction_type == "sample":
@@ -372,7 +382,7 @@ class Zero123PlusModel(nn.Module):
 
     def predict_noise(self, noisy: torch.Tensor, t, condition: Zero123PlusCondition, guidance_scale: float,
                       reference_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """CFG ε̂ (float32) for scaled noisy tiles (N, 4, H, W) at integer timesteps ``t``."""
+        """CFG ε̂ (float32) for scaled noisy tiles (N, 4, H, W) at timesteps ``t``."""
         out = self.model_output(noisy, t, condition, guidance_scale, reference_noise)
         return self.to_epsilon(out, noisy.to(self.device), t)
 

@@ -11,9 +11,9 @@ and ``scheduler/``, all weights as safetensors. Each weight depends only on ``se
 - ``"full"``: the published shapes (SD-2 UNet 866 M, VAE 84 M, OpenCLIP-H text 340 M, CLIP-H vision 632 M,
   320-px views); ~8 GB of RAM in float32.
 
-The schedulers are Euler ancestral with v-prediction; v1.2's differs from v1.1's (linear betas, trailing
-timesteps). These are the values lift3d assumes for the published folders, whose own
-``scheduler/scheduler_config.json`` is what a loaded model uses.
+The schedulers are Euler ancestral with v-prediction and the linear beta schedule (Zero123++'s report: it
+replaces Stable Diffusion's scaled-linear one), the same for both versions: what the published folders' own
+``scheduler/scheduler_config.json`` say could not be read here, and a loaded model uses those.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ VISION = {
                  image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
 }
 VIEW_SIZE = {"tiny": 32, "full": 320}
-SCHEDULERS = {
-    "v1.1": {"beta_schedule": "scaled_linear", "timestep_spacing": "leading"},
-    "v1.2": {"beta_schedule": "linear", "timestep_spacing": "trailing"},
+SCHEDULERS = {   # the report's linear schedule; no timestep_spacing (diffusers' default, "linspace": the README
+    "v1.1": {"beta_schedule": "linear"},   # has users switch to "trailing")
+    "v1.2": {"beta_schedule": "linear"},
 }
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
