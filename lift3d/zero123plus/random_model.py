@@ -151,8 +151,9 @@ def write_random_zero123plus(out_dir: str, version: str = "v1.2", size: str = "t
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         **VAE[size])
-    text_cfg = CLIPTextConfig(vocab_size=514, layer_norm_eps=1e-5, bos_token_id=512, eos_token_id=513, pad_token_id=0,
-                              **TEXT[size]) if size == "tiny" else CLIPTextConfig(vocab_size=49408, **TEXT[size])
+    # The byte-level tokenizer below has 514 tokens; the full-size text encoder keeps CLIP's 49408 rows.
+    text_cfg = CLIPTextConfig(vocab_size=514 if size == "tiny" else 49408, layer_norm_eps=1e-5, bos_token_id=512,
+                              eos_token_id=513, pad_token_id=0, **TEXT[size])
     text = CLIPTextModel(text_cfg)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(layer_norm_eps=1e-5, **VISION[size]))
     for i, module in enumerate((unet, vae, text, vision)):
@@ -166,11 +167,7 @@ def write_random_zero123plus(out_dir: str, version: str = "v1.2", size: str = "t
                   os.path.join(tmp, name, "model.safetensors"), metadata={"format": "pt"})
         _json(os.path.join(tmp, name, "config.json"),
               {"architectures": [type(model).__name__], **model.config.to_dict()})
-    if size == "tiny":
-        write_tokenizer(os.path.join(tmp, "tokenizer"))
-    else:
-        raise NotImplementedError("a full-size tokenizer needs CLIP's vocabulary; copy tokenizer/ from the published "
-                                  "folder")
+    write_tokenizer(os.path.join(tmp, "tokenizer"))
     view = VIEW_SIZE[size]
     _json(os.path.join(tmp, "feature_extractor_vae", "preprocessor_config.json"),
           _processor(view, [0.5] * 3, [0.5] * 3))
