@@ -170,6 +170,21 @@ def test_any_number_of_references_and_targets(tiny):
     assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
 
 
+def test_pickled_weights_load_like_safetensors(tiny, tmp_path):
+    """The reference's save_pretrained (diffusers 0.19, transformers 4.30) writes .bin files by default."""
+    import shutil
+
+    folder = tmp_path / "eschernet-6dof-bin"
+    shutil.copytree(tiny, folder)
+    for sub, stem, out in (("unet", "diffusion_pytorch_model", "diffusion_pytorch_model"),
+                           ("vae", "diffusion_pytorch_model", "diffusion_pytorch_model"),
+                           ("image_encoder", "model", "pytorch_model")):
+        torch.save(load_file(str(folder / sub / f"{stem}.safetensors")), str(folder / sub / f"{out}.bin"))
+        os.remove(folder / sub / f"{stem}.safetensors")
+    r = recorded("6dof")
+    assert (lift3d_eps(str(folder), "auto", r) - r["eps"]).abs().max() < TOL
+
+
 def test_incomplete_folder_and_unknown_variant_say_what(tiny, tmp_path):
     import shutil
 
@@ -209,11 +224,13 @@ system:
 """
 SDS = """{method_type: sds, method: {guidance_scale: 3.0}, prior_type: eschernet, render_space: rgb,
              prior: {pretrained_model_name_or_path: MODEL, variant: 4dof}}"""
+SJC = SDS.replace("method_type: sds, method: {guidance_scale: 3.0}", "method_type: sjc, method: {guidance_scale: 10.0}")
 GENERATE = """{prior_type: eschernet, prior: {pretrained_model_name_or_path: MODEL, variant: 6dof},
              rings: [[0, 2], [30, 1]], sample_steps: 2, views_per_step: 2}"""
 
 
-@pytest.mark.parametrize("guidance,guidance_type", [(SDS, "score-distillation"), (GENERATE, "multiview")])
+@pytest.mark.parametrize("guidance,guidance_type", [(SDS, "score-distillation"), (SJC, "score-distillation"),
+                                                     (GENERATE, "multiview")])
 def test_a_run_reaches_an_exported_mesh(tmp_path, tiny, disc_image, guidance, guidance_type):
     from lift3d.config import load_config
     from lift3d.runner import Experiment

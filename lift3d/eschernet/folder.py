@@ -82,9 +82,11 @@ def detect_variant(path: str, variant: str) -> str:
         return variant
     if variant != "auto":
         raise UserError(f"EscherNet variant must be auto, 4dof or 6dof, got '{variant}'")
-    named = set(re.findall(r"([46])-?dof", str(path).lower()))
-    if len(named) == 1:
-        return f"{named.pop()}dof"
+    # The innermost folder name that names one of them (a hub snapshot: .../models--kxic--eschernet-6dof/snapshots/H)
+    for part in reversed(os.path.normpath(str(path)).lower().split(os.sep)):
+        named = set(re.findall(r"([46])-?dof", part))
+        if len(named) == 1:
+            return f"{named.pop()}dof"
     raise UserError(f"cannot tell from {path} whether it is the 4-DoF or the 6-DoF EscherNet model; set "
                     "system.guidance.prior.variant=4dof or 6dof")
 
