@@ -101,7 +101,8 @@ class VSD(DistillationMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(getattr(context, "seed", 0)))
             try:
-                unet.add_adapter(config, adapter_name=ADAPTER)
+                if ADAPTER not in (getattr(unet, "peft_config", None) or {}):   # prepared once per loaded prior
+                    unet.add_adapter(config, adapter_name=ADAPTER)
             except ValueError as e:   # no module matches lora_targets
                 raise UserError(f"{self.path}.lora_targets: {str(e).splitlines()[0]}") from None
         params = {n: p for n, p in unet.named_parameters() if f".{ADAPTER}." in n and "lora_" in n}
