@@ -14,7 +14,8 @@ Each step, for the renders' latents z (B views):
   SDS's is applied (distillation.py);
 - the LoRA loss (``losses`` hook, ``system.loss.lambda_lora``): the standard diffusion loss on the same
   latents, detached, at fresh t ~ U[0, T) (``lora_timesteps`` draws per view), each view's camera dropped
-  with probability ``lora_camera_dropout`` (a zero pose vector) so that its unconditional branch is trained too;
+  with probability ``lora_camera_dropout`` (a zero pose vector; threestudio drops the whole batch's at once) so
+  that its camera-free branch, which ``lora_guidance_scale`` ≠ 1 uses, is trained too;
   target ε, or v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) z with ``lora_prediction: v_prediction`` (its output is then turned
   into ε for the gradient: ε = sqrt(1 − ᾱ) z_t + sqrt(ᾱ) v).
 
