@@ -19,8 +19,10 @@ only) by plain softmax attention, set on the UNet with ``set_attn_processor(XFor
 ``antialias=False``, the behaviour of the pinned torchvision 0.15; an empty ``kornia`` module (imported for
 an unused CLIP preprocessing). Poses were built by the reference's own code: eval_eschernet.py's
 ``look_at`` → inverse → third row negated (its MVDream/Text2Img branch) for 6-DoF, and 4DoF/dataset.py's
-``get_pose`` of that world-to-camera matrix for 4-DoF. Reference images are 2 random 64 px images
-(the encoder resizes them to 224), noisy latents 2 x (4, 8, 8), cameras as stored in the files.
+``get_pose`` of that world-to-camera matrix for 4-DoF. Reference images are R random 64 px images
+(the encoder resizes them to 224), noisy latents T x (4, 8, 8), cameras as stored in the files: R = T = 2
+in ``eschernet_reference_{4dof,6dof}``, R = 3, T = 1 in ``..._4dof_r3t1`` and R = 1, T = 3 in
+``..._6dof_r1t3`` (so that a mix-up of the reference and target view counts cannot pass).
 """
 
 import os
@@ -47,8 +49,8 @@ def tiny(tmp_path_factory):
     return write_random_folder(str(tmp_path_factory.mktemp("escher") / "tiny"), "tiny", seed=0)
 
 
-def recorded(variant):
-    return load_file(os.path.join(DATA, f"eschernet_reference_{variant}.safetensors"))
+def recorded(variant, case=""):
+    return load_file(os.path.join(DATA, f"eschernet_reference_{variant}{case}.safetensors"))
 
 
 def cameras(c):
@@ -63,9 +65,9 @@ def lift3d_eps(folder, variant, r):
                                float(r["guidance_scale"]))
 
 
-@pytest.mark.parametrize("variant", ["4dof", "6dof"])
-def test_noise_equals_the_reference_code(tiny, variant):
-    r = recorded(variant)
+@pytest.mark.parametrize("variant,case", [("4dof", ""), ("6dof", ""), ("4dof", "_r3t1"), ("6dof", "_r1t3")])
+def test_noise_equals_the_reference_code(tiny, variant, case):
+    r = recorded(variant, case)
     # lift3d's cameras map onto the poses the reference code built from the same angles
     for key in ("reference", "target"):
         ours = escher_poses(cameras(r[f"{key}_cameras"]), variant, 1.0).float()
