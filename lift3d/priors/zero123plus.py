@@ -95,6 +95,7 @@ class Zero123PlusPrior(ViewConditionedPrior):
         self.reference_camera = primary.camera.to("cpu")
         self.condition = self.model.encode_condition(self.reference_rgb,
                                                      generator=torch.Generator().manual_seed(self.cfg.seed))
+        self.model.release_vision_encoder()   # the photo's embeddings are kept in the condition
 
     def condition_image(self, reference) -> torch.Tensor:
         """The photo (1, 3, H, W) on gray, as the reference pipeline composites it."""
@@ -185,7 +186,8 @@ class Zero123PlusPrior(ViewConditionedPrior):
         out = []
         for i in range(0, len(cameras), VIEWS):
             g = torch.Generator().manual_seed(int(seeds[i]))
-            condition = self.model.encode_condition(self.reference_rgb, generator=g)
+            condition = self.model.encode_condition(self.reference_rgb, generator=g,
+                                                    embeddings=self.condition.embeddings)
             start = None
             if init is not None:
                 start = tile(resize(init[i:i + VIEWS].float(), self.image_size, mode="bicubic", antialias=True)
@@ -209,7 +211,7 @@ class Zero123PlusPrior(ViewConditionedPrior):
         return cfg
 
     def memory_estimate(self, plan) -> dict:
-        """The weights (every part: the text encoder is held while the empty prompt is encoded), a UNet pass
+        """The weights (every part: the text and vision encoders are held while the condition is encoded), a UNet pass
         on one tile (both CFG halves) and the reference pass on the condition latent (lift3d/preflight.py's
         measured rates); for RGB renders the tile's VAE encoder with gradients, layer by layer recomputed
         (:func:`lift3d.zero123plus.model.checkpoint_encoder`: TILE_ENCODER_GIB for a 960x640 tile, measured),

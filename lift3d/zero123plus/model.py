@@ -266,9 +266,12 @@ class Zero123PlusModel(nn.Module):
 
     @torch.no_grad()
     def encode_condition(self, rgb_01: torch.Tensor, posterior_noise: Optional[torch.Tensor] = None,
-                         generator: Optional[torch.Generator] = None) -> Zero123PlusCondition:
+                         generator: Optional[torch.Generator] = None,
+                         embeddings: Optional[torch.Tensor] = None) -> Zero123PlusCondition:
         """Encode one condition image (1, 3, H, W) in [0, 1] (on gray). ``posterior_noise`` (2, 4, h, w): the
-        VAE posterior samples' noise for [the zero image, the condition] (drawn when not given)."""
+        VAE posterior samples' noise for [the zero image, the condition] (drawn when not given).
+        ``embeddings``: this image's prompt embeddings from an earlier call (they draw nothing), so the
+        vision encoder is not needed again (:meth:`release_vision_encoder`)."""
         dev, dt = self.device, self.dtype
         vae_in = self.preprocess(rgb_01.to(dev), self.vae_processor).to(dt)
         if posterior_noise is None:   # drawn as the reference draws them: the condition's first
@@ -280,11 +283,20 @@ class Zero123PlusModel(nn.Module):
             dist = self.vae.encode(x).latent_dist
             latents.append(dist.mean + dist.std * noise[None].to(dev, dist.mean.dtype))
         latents = torch.cat(latents)
+        if embeddings is not None:
+            return Zero123PlusCondition(embeddings, latents)
+        if self.vision_encoder is None:
+            raise RuntimeError("the vision encoder was released: pass the condition's embeddings")
         clip_in = self.preprocess(rgb_01.to(dev), self.clip_processor).to(dt)
         image_embeds = self.vision_encoder(pixel_values=clip_in).image_embeds[:, None]      # (1, 1, D)
         base = self.prompt_embeds.to(dt)
         cond = base + image_embeds * self.ramp.to(dt)[None, :, None]
         return Zero123PlusCondition(torch.cat([base, cond]), latents)
+
+    def release_vision_encoder(self) -> None:
+        """Free the CLIP vision encoder (632 M parameters at the published size) once the condition's
+        embeddings are kept: sampling again only redraws the condition's VAE posterior samples."""
+        self.vision_encoder = None
 
     # ------------------------------------------------------------------ latents
 
