@@ -9,7 +9,8 @@ of a step spent outside the UNet, per config and milestone, as a Markdown table.
     python benchmarks/bench_recipes.py stable-zero123 --set trainer.mmap_threshold_mib=0
                                                              # config overrides for every config run
 
-The model (``random_zero123("full")``: 859 M UNet, 84 M VAE, CLIP ViT-L/14) is built once and saved as
+The model (``random_zero123("full")``: 859 M UNet, 84 M VAE, CLIP ViT-L/14; for ``eschernet-sds``
+``random_eschernet("full")``: the same UNet with 4 input channels, VAE, ConvNeXt-V2-tiny) is built once and saved as
 a kxic-layout folder under ``$LIFT3D_CACHE_DIR/bench/zero123-full-random`` (default ``~/.cache/lift3d``);
 every config then runs in a subprocess of its own (one full-size process at a time), so each peak is
 that config's alone. Published sizes are kept; only when things happen changes:
@@ -37,22 +38,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_zero123_step import PeakRSS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("zero123-sds", "stable-zero123", "zero123-sjc", "cascade-zero123", "oracle", "zero123-sjc-cpu")
+CONFIGS = ("zero123-sds", "stable-zero123", "zero123-sjc", "cascade-zero123", "oracle", "zero123-sjc-cpu", "eschernet-sds")
+ESCHERNET = ("eschernet-sds",)   # run with random_eschernet("full") (the published 6-DoF shapes) instead
 IMAGE = os.path.join(ROOT, "examples", "mushroom_rgba.png")
 GT = os.path.join(ROOT, "examples", "objects", "mushroom", "meshes", "model.obj")
 
 
-def model_dir() -> str:
+def model_dir(name: str = "") -> str:
     root = os.environ.get("LIFT3D_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lift3d")
-    return os.path.join(root, "bench", "zero123-full-random")
+    return os.path.join(root, "bench", "eschernet-6dof-full-random" if name in ESCHERNET else "zero123-full-random")
 
 
-def build_model(path: str) -> None:
-    """Save ``random_zero123("full")`` to ``path`` (in a subprocess: this process stays small)."""
+def build_model(path: str, name: str = "") -> None:
+    """Save ``random_zero123("full")`` (``random_eschernet("full")`` for ESCHERNET configs) to ``path`` (in a
+    subprocess: this process stays small)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return
     code = ("import sys; from lift3d.zero123.random_model import random_zero123; "
             "random_zero123('full').save_pretrained(sys.argv[1])")
+    if name in ESCHERNET:
+        code = ("import sys; from lift3d.eschernet.random_model import random_eschernet; "
+                "random_eschernet('full').save_pretrained(sys.argv[1])")
     tmp = path + ".partial"
     subprocess.run([sys.executable, "-c", code, tmp], check=True, cwd=ROOT)
     os.replace(tmp, path)
@@ -63,7 +69,8 @@ def overrides_for(name: str, model: str, out: str) -> list[str]:
              "trainer.device=cpu", f"image={IMAGE}"]
     if name == "oracle":
         return items + [f"gt={GT}"]
-    items.append(f"system.guidance.pretrained_model_name_or_path={model}")
+    prior = "prior." if name in ESCHERNET else ""
+    items.append(f"system.guidance.{prior}pretrained_model_name_or_path={model}")
     if name == "cascade-zero123":
         items += [f"system.guidance.refiner_name_or_path={model}", "system.guidance.prompt_steps=2",
                   "system.guidance.prompt_cache_dir=none"]
@@ -203,12 +210,12 @@ def main() -> None:
         results = [json.load(open(os.path.join(args.table, f))) for f in files]
         print(table(sorted(results, key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else 99)))
         return
-    model = args.model or model_dir()
     start = time.perf_counter()
-    if not args.model:
-        build_model(model)
     results = []
     for name in args.configs:
+        model = args.model or model_dir(name)
+        if not args.model:
+            build_model(model, name)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             # The child's stderr passes through: its rows show as they come.
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model", model,
