@@ -303,3 +303,26 @@ def test_recomputed_encoder_gives_the_same_latents_and_gradients(folders):
     expected = (plain.encode((x * 2 - 1) * 0.625).latent_dist.mean * 0.18215 - 0.22) * 0.75
     expected.square().sum().backward()
     assert torch.allclose(z, expected, atol=1e-6) and torch.allclose(grad, x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,processor", [(256, "vae"), (512, "vae"), (256, "clip")])
+def test_condition_preprocessing_within_one_level_of_the_reference_processor(size, processor):
+    """The reference resizes the photo with transformers' CLIPImageProcessor on a PIL image (bicubic, 8-bit):
+    lift3d's torch resize (rounded to 8 bits) is within one level of it."""
+    from PIL import Image
+
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    from lift3d.zero123plus.random_model import CLIP_MEAN, CLIP_STD, _processor
+
+    config = _processor(320, [0.5] * 3, [0.5] * 3) if processor == "vae" else _processor(224, CLIP_MEAN, CLIP_STD)
+    yy, xx = np.mgrid[:size, :size] / size
+    img = (np.stack([np.sin(6 * xx) * 0.5 + 0.5, np.cos(4 * yy) * 0.5 + 0.5, xx * yy], -1) * 255).round()
+    img = img.astype(np.uint8)
+    keys = {k: v for k, v in config.items() if not k.endswith("_type")}
+    expected = Processor(**keys)(images=Image.fromarray(img), return_tensors="pt").pixel_values
+    mine = Zero123PlusModel.preprocess(None, torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, config)
+    levels = (expected - mine).abs() * config["image_std"][0] * 255
+    assert mine.shape == expected.shape and levels.max() < 1.05 and (levels > 0.5).float().mean() < 0.1

@@ -246,6 +246,7 @@ class Zero123PlusModel(nn.Module):
             if tuple(x.shape[-2:]) != target:
                 x = F.interpolate(x.contiguous(), size=target, mode="bicubic", align_corners=False,
                                   antialias=True).clamp(0, 1)
+                x = torch.round(x * 255) / 255    # the reference resizes 8-bit images (PIL)
         if processor.get("do_center_crop", True):
             crop = processor.get("crop_size", {})
             ch, cw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
