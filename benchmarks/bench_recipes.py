@@ -10,7 +10,9 @@ of a step spent outside the UNet, per config and milestone, as a Markdown table.
                                                              # config overrides for every config run
 
 The model (``random_zero123("full")``: 859 M UNet, 84 M VAE, CLIP ViT-L/14; for ``eschernet-sds``
-``random_eschernet("full")``: the same UNet with 4 input channels, VAE, ConvNeXt-V2-tiny) is built once and saved as
+``random_eschernet("full")``: the same UNet with 4 input channels, VAE, ConvNeXt-V2-tiny; for ``zero123plus-sds``
+``write_random_zero123plus(DIR, "v1.2", "full")``: SD-2 UNet, VAE, OpenCLIP-H text and CLIP-H vision encoders,
+the published Zero123++ layout) is built once and saved as
 a kxic-layout folder under ``$LIFT3D_CACHE_DIR/bench/zero123-full-random`` (default ``~/.cache/lift3d``);
 every config then runs in a subprocess of its own (one full-size process at a time), so each peak is
 that config's alone. Published sizes are kept; only when things happen changes:
@@ -38,15 +40,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_zero123_step import PeakRSS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("zero123-sds", "stable-zero123", "zero123-sjc", "cascade-zero123", "oracle", "zero123-sjc-cpu", "eschernet-sds")
+CONFIGS = ("zero123-sds", "stable-zero123", "zero123-sjc", "cascade-zero123", "oracle", "zero123-sjc-cpu", "eschernet-sds",
+           "zero123plus-sds")
 ESCHERNET = ("eschernet-sds",)   # run with random_eschernet("full") (the published 6-DoF shapes) instead
+ZERO123PLUS = ("zero123plus-sds",)   # run with write_random_zero123plus(..., "v1.2", "full") (published shapes)
+OWN_PRIOR = ESCHERNET + ZERO123PLUS  # their model path is system.guidance.prior.pretrained_model_name_or_path
 IMAGE = os.path.join(ROOT, "examples", "mushroom_rgba.png")
 GT = os.path.join(ROOT, "examples", "objects", "mushroom", "meshes", "model.obj")
 
 
 def model_dir(name: str = "") -> str:
     root = os.environ.get("LIFT3D_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lift3d")
-    return os.path.join(root, "bench", "eschernet-6dof-full-random" if name in ESCHERNET else "zero123-full-random")
+    folder = "eschernet-6dof-full-random" if name in ESCHERNET else \
+        "zero123plus-v1.2-full-random" if name in ZERO123PLUS else "zero123-full-random"
+    return os.path.join(root, "bench", folder)
 
 
 def build_model(path: str, name: str = "") -> None:
@@ -59,6 +66,9 @@ def build_model(path: str, name: str = "") -> None:
     if name in ESCHERNET:
         code = ("import sys; from lift3d.eschernet.random_model import random_eschernet; "
                 "random_eschernet('full').save_pretrained(sys.argv[1])")
+    if name in ZERO123PLUS:
+        code = ("import sys; from lift3d.zero123plus.random_model import write_random_zero123plus; "
+                "write_random_zero123plus(sys.argv[1], 'v1.2', 'full')")
     tmp = path + ".partial"
     subprocess.run([sys.executable, "-c", code, tmp], check=True, cwd=ROOT)
     os.replace(tmp, path)
@@ -69,7 +79,7 @@ def overrides_for(name: str, model: str, out: str) -> list[str]:
              "trainer.device=cpu", f"image={IMAGE}"]
     if name == "oracle":
         return items + [f"gt={GT}"]
-    prior = "prior." if name in ESCHERNET else ""
+    prior = "prior." if name in OWN_PRIOR else ""
     items.append(f"system.guidance.{prior}pretrained_model_name_or_path={model}")
     if name == "cascade-zero123":
         items += [f"system.guidance.refiner_name_or_path={model}", "system.guidance.prompt_steps=2",
