@@ -98,9 +98,10 @@ class EscherNetPrior(ViewConditionedPrior):
         self.set_reference(reference)
 
     def reference_image(self, view) -> torch.Tensor:
-        """A reference view composited on white at the model's resolution, (1, 3, S, S) in [0, 1]."""
+        """A reference view composited on white at the model's resolution, (1, 3, S, S) in [0, 1]: an antialiased
+        bilinear resize, as eval_eschernet.py's ``transforms.Resize`` of the PIL image."""
         image = view.rgb.permute(2, 0, 1)[None].float().contiguous()
-        return resize(image, self.image_size, mode="bicubic", antialias=True).clamp(0, 1)
+        return resize(image, self.image_size, mode="bilinear", antialias=True).clamp(0, 1)
 
     def set_reference(self, reference) -> None:
         """Encode all reference views (one or a list; the first is the primary one) with their cameras."""
