@@ -226,13 +226,14 @@ system:
 """
 SDS = """{method_type: sds, method: {guidance_scale: 3.0}, prior_type: eschernet, render_space: rgb,
              prior: {pretrained_model_name_or_path: MODEL, variant: 4dof}}"""
+VSD = SDS.replace("method_type: sds, method: {guidance_scale: 3.0}", "method_type: vsd, method: {guidance_scale: 3.0}")
 SJC = SDS.replace("method_type: sds, method: {guidance_scale: 3.0}", "method_type: sjc, method: {guidance_scale: 10.0}")
 GENERATE = """{prior_type: eschernet, prior: {pretrained_model_name_or_path: MODEL, variant: 6dof},
              rings: [[0, 2], [30, 1]], sample_steps: 2, views_per_step: 2}"""
 
 
 @pytest.mark.parametrize("guidance,guidance_type", [(SDS, "score-distillation"), (SJC, "score-distillation"),
-                                                     (GENERATE, "multiview")])
+                                                     (VSD, "score-distillation"), (GENERATE, "multiview")])
 def test_a_run_reaches_an_exported_mesh(tmp_path, tiny, disc_image, guidance, guidance_type):
     from lift3d.config import load_config
     from lift3d.runner import Experiment
@@ -281,3 +282,19 @@ def test_memory_estimate_without_loading(tiny):
     assert est["model"][0] == 0 and 0.5 < est["unet"][0] < 3     # 4 views of 32x32 latents, both CFG halves
     assert published.memory_estimate(plan)["unet"][0] < EscherNetPrior(
         {"pretrained_model_name_or_path": "kxic/eschernet-6dof"}).memory_estimate(plan)["unet"][0]
+
+
+def test_conditional_branch_for_vsd(tiny):
+    """method vsd: the UNet to adapt, and ε_c alone; CFG of ε_c and the dropped (unconditional) branch is ε."""
+    r = recorded("6dof")
+    prior = EscherNetPrior({"pretrained_model_name_or_path": tiny, "variant": "6dof", "reference_radius": 0})
+    views = [ReferenceView(torch.cat([img.permute(1, 2, 0), torch.ones(64, 64, 1)], -1), cameras(c[None]))
+             for img, c in zip(r["images"], r["reference_cameras"])]
+    prior.prepare(views, GuidanceContext(device=torch.device("cpu")))
+    assert prior.denoiser is prior.model.unet
+    targets, t, s = cameras(r["target_cameras"]), r["t"], float(r["guidance_scale"])
+    cond = prior.conditional_noise(r["noisy"], t, targets)
+    free = prior.conditional_noise(r["noisy"], t, targets, drop_pose=torch.ones(2, dtype=torch.bool))
+    assert (free + s * (cond - free) - r["eps"]).abs().max() < TOL
+    mixed = prior.conditional_noise(r["noisy"], t, targets, drop_pose=torch.tensor([False, True]))
+    assert mixed.shape == cond.shape and torch.isfinite(mixed).all()

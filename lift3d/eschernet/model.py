@@ -105,6 +105,16 @@ class EscherNetModel(nn.Module):
 
     # ------------------------------------------------------------------ denoiser
 
+    def conditional_noise(self, noisy: torch.Tensor, t, context: torch.Tensor, target_poses: torch.Tensor,
+                          reference_poses: torch.Tensor) -> torch.Tensor:
+        """ε of one UNet pass of the T target views with ``context`` (no CFG; float32, with gradients w.r.t.
+        whatever in the UNet requires them): :meth:`predict_noise`'s arguments without the scale."""
+        noisy = noisy.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(noisy))
+        poses = ViewPoses(self.variant, target_poses.to(self.device)[None], reference_poses.to(self.device)[None])
+        return self.unet(noisy, t, encoder_hidden_states=context.to(self.device, self.dtype),
+                         cross_attention_kwargs={"cape": poses}).sample.float()
+
     def predict_noise(self, noisy: torch.Tensor, t, context: torch.Tensor, target_poses: torch.Tensor,
                       reference_poses: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """CFG ε̂ (float32) of T target views denoised together: ``noisy`` (T, 4, h, w) scaled latents at

@@ -163,6 +163,26 @@ class EscherNetPrior(ViewConditionedPrior):
                                                    self.reference_poses, guidance_scale).to(noisy.device)
                           for i in range(0, len(noisy), n)])
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def conditional_noise(self, noisy, t, cameras, drop_pose=None) -> torch.Tensor:
+        """ε of the conditional branch (no CFG), the views denoised together (method vsd). Views whose
+        ``drop_pose`` is set are denoised together without the condition: EscherNet's unconditional branch
+        (zero reference tokens, cameras kept), as it was trained to drop its condition."""
+        t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
+        poses = self.poses(cameras)
+        drop = torch.zeros(len(noisy), dtype=torch.bool) if drop_pose is None else drop_pose.reshape(-1).cpu().bool()
+        out = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device)
+        for mask, context in ((~drop, self.condition), (drop, torch.zeros_like(self.condition))):
+            if mask.any():
+                idx = mask.nonzero().flatten()
+                eps = self.model.conditional_noise(noisy[idx.to(noisy.device)], t[idx.to(t.device)], context,
+                                                   poses[idx], self.reference_poses)
+                out = out.index_put((idx.to(noisy.device),), eps.to(noisy.device))
+        return out
+
     @torch.no_grad()
     def generate(self, cameras: Cameras, seeds, steps: int = 50, guidance_scale: float = 3.0, eta: float = 1.0,
                  init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:
