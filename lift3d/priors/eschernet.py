@@ -3,8 +3,10 @@
 Every reference view (one photo or several, ``lift3d.data.reference.reference_list``; the first is the
 primary one) conditions the model with its camera; any number of guidance views are denoised together
 as EscherNet's target views, attending each other (``views_per_pass`` of them per UNet pass). It serves
-SDS and SJC (``guidance_type: score-distillation``, ``prior_type: eschernet``) and generate-then-
-reconstruct (``guidance_type: multiview``: all ring views generated jointly).
+SDS, SJC and VSD (``guidance_type: score-distillation``, ``prior_type: eschernet``) and generate-then-
+reconstruct (``guidance_type: multiview``: all ring views generated jointly). The distillation methods draw
+a timestep per view; EscherNet was trained with one per object, and the views of a pass still attend each
+other at their own noise levels.
 
 Cameras. lift3d's world is z-up and its cameras look at the origin from (elevation, azimuth, distance)
 with OpenGL/Blender axes (``c2w``: -z forward, +y up), which is the frame EscherNet's training renders
