@@ -257,6 +257,32 @@ def test_a_run_reaches_an_exported_mesh(tmp_path, tiny, disc_image, guidance, gu
     assert {"model.obj", "model.mtl", "model.glb"} <= set(os.listdir(export))
 
 
+@pytest.mark.parametrize("guidance,guidance_type", [(SDS, "score-distillation"), (GENERATE, "multiview")])
+def test_two_photos_condition_it_together(tmp_path, tiny, disc_image, guidance, guidance_type):
+    """images=[a,b] with their cameras: both photos (and cameras) are EscherNet's references."""
+    import imageio.v3 as iio
+
+    from lift3d.config import load_config
+    from lift3d.runner import Experiment
+
+    side = iio.imread(disc_image).copy()
+    side[:, :8] = 0                                     # another view of the object: a narrower silhouette
+    second = str(tmp_path / "side.png")
+    iio.imwrite(second, side)
+    path = tmp_path / "escher.yaml"
+    path.write_text(TINY_RUN.replace("guidance_type: GUIDANCE", f"guidance_type: {guidance_type}\n  guidance: "
+                                     + guidance.replace("MODEL", tiny)))
+    exp = Experiment(load_config(str(path), [f"images=[{disc_image},{second}]", "data.reference_cameras=[[20,0],[20,90]]",
+                                             f"exp_root_dir={tmp_path / 'out'}", "trainer.max_steps=2"]))
+    exp.train()
+    exp.export()
+    prior = exp.system.guidance.prior
+    assert prior.condition.shape[1] == 2 * 49 and len(prior.reference_poses) == 2
+    azimuths = prior.reference_cameras.azimuth_deg
+    assert torch.allclose(azimuths % 360, torch.tensor([0.0, 90.0]), atol=1e-3)
+    assert os.path.isfile(os.path.join(exp.trial_dir, "export", "model.obj"))
+
+
 def test_published_config_falls_back_without_weights_and_uses_them_when_found(tmp_path, monkeypatch, caplog):
     from lift3d.config import load_config
 
