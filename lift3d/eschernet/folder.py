@@ -69,7 +69,8 @@ def _download(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        names = [f"{s}.{e}" for s in ("diffusion_pytorch_model", "model", "pytorch_model") for e in ("safetensors", "bin")]
+        names = [f"{s}.{e}" for s in ("diffusion_pytorch_model", "model", "pytorch_model")
+                 for e in ("safetensors", "bin")]
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.txt"] + [f"*/{n}" for n in names])
     except Exception as e:
         raise UserError(f"'{repo_id}' is not a local path and could not be downloaded from the Hugging Face hub "
@@ -110,8 +111,8 @@ def assemble(cls, parts: dict, variant: str, dtype: torch.dtype, source: str):
         vae = _materialize(lambda: AutoencoderKL.from_config(vae_cfg), vae_sd, f"{source}: vae")
         config = ConvNextV2Config(**{k: v for k, v in enc_cfg.items() if not k.startswith("_")
                                      and k not in ("architectures", "model_type", "transformers_version")})
-        encoder = _materialize(lambda: ConvNextV2Model(config), {k.removeprefix("convnextv2."): v
-                                                                 for k, v in enc_sd.items()}, f"{source}: image_encoder")
+        enc_sd = {k.removeprefix("convnextv2."): v for k, v in enc_sd.items()}
+        encoder = _materialize(lambda: ConvNextV2Model(config), enc_sd, f"{source}: image_encoder")
         scheduler = DDIMScheduler.from_config(parts["scheduler"])
     except (ValueError, TypeError) as e:  # a config.json the model classes reject
         raise UserError(f"{source}: invalid component config: {str(e).splitlines()[-1].strip()}") from None

@@ -71,7 +71,8 @@ def random_eschernet(size: str = "tiny", seed: int = 0, variant: str = "6dof", d
     unet = UNet2DConditionModel(**UNET[size])
     levels = len(VAE[size]["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
-                        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                        down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels,
                         **VAE[size])
     encoder = ConvNextV2Model(ConvNextV2Config(num_channels=3, patch_size=4, num_stages=4, image_size=224,
                                                drop_path_rate=0.0, **ENCODER[size]))

@@ -126,7 +126,8 @@ class EscherNetPrior(ViewConditionedPrior):
     def image_size(self) -> int:
         if self.cfg.image_size:
             return self.cfg.image_size
-        vae = self.model.vae.config.sample_size if self.model is not None else self.part_config("vae").get("sample_size")
+        vae = self.model.vae.config.sample_size if self.model is not None else \
+            self.part_config("vae").get("sample_size")
         return min(TRAINED_SIZE, int(vae or TRAINED_SIZE))
 
     @property
@@ -197,8 +198,8 @@ class EscherNetPrior(ViewConditionedPrior):
         poses, n, out = self.poses(cameras), self.cfg.views_per_pass or len(cameras), []
         for i in range(0, len(cameras), n):
             p = poses[i:i + n]
-            eps = lambda x, t, p=p: self.model.predict_noise(x, t, self.condition, p, self.reference_poses,  # noqa: E731
-                                                              guidance_scale)
+            eps = lambda x, t, p=p: self.model.predict_noise(  # noqa: E731
+                x, t, self.condition, p, self.reference_poses, guidance_scale)
             start = None if init is None else init[i:i + n]
             out.append(ddim(self.model, eps, len(p), (s, s), steps, eta, torch.Generator().manual_seed(int(seeds[i])),
                             init=start, strength=strength).float().cpu())
