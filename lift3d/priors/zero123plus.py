@@ -211,11 +211,12 @@ class Zero123PlusPrior(ViewConditionedPrior):
         return cfg
 
     def memory_estimate(self, plan) -> dict:
-        """The weights (every part: the text and vision encoders are held while the condition is encoded), a UNet pass
-        on one tile (both CFG halves) and the reference pass on the condition latent (lift3d/preflight.py's
-        measured rates); for RGB renders the tile's VAE encoder with gradients, layer by layer recomputed
-        (:func:`lift3d.zero123plus.model.checkpoint_encoder`: TILE_ENCODER_GIB for a 960x640 tile, measured),
-        for a latent field the decoder when the reference render is decoded."""
+        """The UNet's and VAE's weights, a UNet pass on one tile (both CFG halves) and the reference pass on the
+        condition latent (lift3d/preflight.py's measured rates); for RGB renders the tile's VAE encoder with
+        gradients, layer by layer recomputed (:func:`lift3d.zero123plus.model.checkpoint_encoder`:
+        TILE_ENCODER_GIB for a 960x640 tile, measured), for a latent field the decoder when the reference
+        render is decoded. benchmarks/bench_recipes.py, zero123plus-sds at 6 x 128 px, float32 on a CPU: a step
+        peaked at 7.7 GiB resident (the model 3.8 of it), the estimate is 10.1."""
         from lift3d.preflight import unet_gib, vae_gib, weights_gib
 
         unet = self.folder_config("unet")
@@ -223,9 +224,12 @@ class Zero123PlusPrior(ViewConditionedPrior):
         view = (s // f) ** 2
         tiles = max((-(-views // 6) for views, _, _ in plan.renders("guidance")), default=1)
         activations = unet_gib(unet, tiles, 6 * view) + unet_gib(unet, tiles, view)
-        folder = self.cfg.pretrained_model_name_or_path
-        parts = {"model": (weights_gib(folder, self.cfg.variant) if folder else 0.0, None),
-                 "unet": (activations, None)}
+        # Resident while training: the UNet and the VAE (the text and vision encoders are freed after
+        # ``prepare``, before any step: their 3.6 GiB at the published size are less than a step's activations).
+        folder = os.path.expanduser(self.cfg.pretrained_model_name_or_path or "")
+        weights = sum(weights_gib(os.path.join(folder, part), self.cfg.variant) for part in ("unet", "vae")) \
+            if folder else 0.0
+        parts = {"model": (weights, None), "unet": (activations, None)}
         vae = self.folder_config("vae")
         width = sum(vae.get("block_out_channels", PUBLISHED["vae"]["block_out_channels"])) / 1408
         if plan.latent_field:
