@@ -36,7 +36,7 @@ from lift3d.export.level import _box_span, _camera_rays, march, ray_image_size, 
 
 def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, dilate_px: int = 0,
                 carve_cells: float = 0.0, thickness_cells: float = 3.0, pit_cells: float = 4.0, edge_px: int = 2, rim_px: int = 4,
-                bridge_cells: float = 16.0, floater_fraction: float = 0.02,
+                bridge_cells: float = 2.0, floater_fraction: float = 0.02,
                 max_size: int = 256) -> tuple[np.ndarray, dict]:
     """The edited grid (a copy) and what was done. ``grid`` (R, R, R) holds densities at the cell
     centres of [-radius, radius]^3 indexed [ix, iy, iz]; ``camera`` is the one reference view;
