@@ -41,6 +41,8 @@ from lift3d.eschernet.random_model import write_random_folder
 from lift3d.guidance.base import GuidanceContext
 from lift3d.priors.eschernet import EscherNetPrior, escher_poses
 
+from step_records import record_steps
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOL = 2e-5      # float32 round-off through the tiny UNet (observed: 6e-6 of a max |ε| of 3)
 
@@ -244,9 +246,7 @@ def test_a_run_reaches_an_exported_mesh(tmp_path, tiny, disc_image, guidance, gu
     path.write_text(TINY_RUN.replace("guidance_type: GUIDANCE", f"guidance_type: {guidance_type}\n  guidance: "
                                      + guidance.replace("MODEL", tiny)))
     exp = Experiment(load_config(str(path), [f"image={disc_image}", f"exp_root_dir={tmp_path / 'out'}"]))
-    records = []
-    real = exp.system.training_step
-    exp.system.training_step = lambda views, step: records.append(real(views, step)) or records[-1]
+    records = record_steps(exp)
     exp.train()
     exp.export()
     assert len(records) == 3 and all(torch.isfinite(torch.as_tensor(r["loss"])) for r in records)

@@ -16,6 +16,8 @@ from lift3d.runner import Experiment
 from lift3d.zero123.nvs import nvs
 from lift3d.zero123.random_model import random_zero123
 
+from step_records import record_steps
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -88,9 +90,7 @@ def test_the_field_fits_the_views_and_a_resume_reuses_them(tmp_path, model_dir, 
     path.write_text(TINY.replace("MODEL", model_dir))
     args = [f"image={image}", f"exp_root_dir={tmp_path / 'out'}"]
     exp = Experiment(load_config(str(path), args))
-    records = []
-    real = exp.system.training_step
-    exp.system.training_step = lambda views, step: records.append(real(views, step)) or records[-1]
+    records = record_steps(exp)
     exp.train()
     assert all(r["loss_views_rgb"] > 0 and "loss_views_mask" not in r for r in records)
     assert float(records[0]["loss_guidance"]) == 0.0                     # no distillation by default

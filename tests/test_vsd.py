@@ -15,31 +15,17 @@ from omegaconf import OmegaConf
 
 from lift3d.cameras import Cameras
 from lift3d.config import PACKAGE_DIR, load_config
-from lift3d.data.reference import ReferenceView
 from lift3d.errors import ConfigError, UserError
 from lift3d.guidance.base import GuidanceContext
 from lift3d.guidance.distillation import ScoreDistillation
 from lift3d.guidance.vsd import VSD
 from lift3d.plugin import MemoryPlan
 from lift3d.zero123.model import Zero123Model
-from lift3d.zero123.random_model import random_zero123
+
+from zero123_fixtures import REF, model_dir, reference  # noqa: F401 (model_dir: a fixture)
 
 MINI = os.path.join(PACKAGE_DIR, "assets", "zero123-mini")
-REF = dict(elevation=20.0, azimuth=0.0, distance=2.0)
 VIEWS = Cameras.from_spherical([50.0, -10.0], [120.0, -60.0], [2.2, 1.8], 40.0, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("zero123") / "tiny")
-    random_zero123("tiny", seed=1).save_pretrained(path)
-    return path
-
-
-def reference(size=64):
-    rgba = torch.rand(size, size, 4, generator=torch.Generator().manual_seed(0))
-    camera = Cameras.from_spherical(REF["elevation"], REF["azimuth"], REF["distance"], 40.0, size, size)
-    return ReferenceView(rgba, camera)
 
 
 def vsd_guidance(model_dir, method=None, **prior):

@@ -18,21 +18,9 @@ from lift3d.guidance.sjc import SJC
 from lift3d.priors import zero123 as zero123_prior
 from lift3d.zero123.random_model import random_zero123
 
+from zero123_fixtures import REF, model_dir, reference  # noqa: F401 (model_dir: a fixture)
+
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-REF = dict(elevation=20.0, azimuth=0.0, distance=2.0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("zero123") / "tiny")
-    random_zero123("tiny", seed=1).save_pretrained(path)
-    return path
-
-
-def reference(size=64):
-    rgba = torch.rand(size, size, 4, generator=torch.Generator().manual_seed(0))
-    camera = Cameras.from_spherical(REF["elevation"], REF["azimuth"], REF["distance"], 40.0, size, size)
-    return ReferenceView(rgba, camera)
 
 
 def make(cls, model_dir, **cfg):

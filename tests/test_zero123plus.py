@@ -43,6 +43,8 @@ from lift3d.zero123plus import model as zpp
 from lift3d.zero123plus.model import Zero123PlusModel, tile, untile
 from lift3d.zero123plus.random_model import write_random_zero123plus
 
+from step_records import record_steps
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "zero123plus_reference.safetensors")
 TOL = 5e-5      # float32 round-off through the tiny UNet (observed: ≤ 1.3e-5 of a max |ε| of 4; the CPU
                 # linear kernels differ with the weights' requires_grad, which alone makes 5e-6)
@@ -242,9 +244,7 @@ def test_runs_to_an_exported_mesh(tmp_path, folders, disc_image, kind):
     path = tmp_path / "zpp.yaml"
     path.write_text(TINY.replace("GUIDANCE", guidance).replace("LOSSES", losses).replace("MODEL", folders["v1.1"]))
     exp = Experiment(load_config(str(path), [f"image={disc_image}", f"exp_root_dir={tmp_path / 'out'}"]))
-    records = []
-    real = exp.system.training_step
-    exp.system.training_step = lambda views, step: records.append(real(views, step)) or records[-1]
+    records = record_steps(exp)
     exp.train()
     exp.export()
     assert {"model.obj", "model.mtl", "model.glb"} <= set(os.listdir(os.path.join(exp.trial_dir, "export")))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Optional
 
 import torch
@@ -132,12 +131,9 @@ def assemble(cls, parts: dict, variant: str, dtype: torch.dtype, source: str):
 def write_folder(model, out_dir: str) -> None:
     """Write ``model`` in the published layout (safetensors), atomically; ``out_dir`` must not exist or
     be empty."""
-    out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"output {out_dir} already exists and is not an empty folder; choose a new folder")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from lift3d.zero123.folder import atomic_folder
+
+    with atomic_folder(out_dir) as tmp:
         model.unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
         model.vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
         encoder = model.image_encoder
@@ -148,11 +144,6 @@ def write_folder(model, out_dir: str) -> None:
         DDPMScheduler.from_config(model.scheduler.config).save_pretrained(os.path.join(tmp, "scheduler"))
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(MODEL_INDEX, f, indent=2)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def folder_config(path: str, part: str) -> Optional[dict]:

@@ -23,13 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lift3d.eschernet.cape import CaPEAttnProcessor, ViewPoses
+from lift3d.utils.latent_model import ScaledVAEMixin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_SIZE = 224   # the pipeline's ConvNeXt input size, fixed whatever the encoder's config says
 
 
-class EscherNetModel(nn.Module):
+class EscherNetModel(ScaledVAEMixin, nn.Module):
     def __init__(self, unet, vae, image_encoder, scheduler, variant: str):
         super().__init__()
         self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
@@ -52,27 +53,7 @@ class EscherNetModel(nn.Module):
 
         write_folder(self, out_dir)
 
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+    # dtype, device, latent_scale, alphas_cumprod, num_train_timesteps, encode, decode: ScaledVAEMixin
 
     # ------------------------------------------------------------------ encoders
 
@@ -91,17 +72,6 @@ class EscherNetModel(nn.Module):
         features = self.image_encoder(pixel_values=self.encoder_input(images_01)).last_hidden_state  # (R, C, h, w)
         tokens = self.image_encoder.layernorm(features.flatten(2).transpose(1, 2))                   # (R, h·w, C)
         return tokens.reshape(1, -1, tokens.shape[-1])
-
-    def encode(self, images_01: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (differentiable w.r.t. the images)."""
-        dist = self.vae.encode((images_01.contiguous() * 2 - 1).to(self.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return z * self.latent_scale
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1] (not clamped)."""
-        x = self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample
-        return (x.float() + 1) / 2
 
     # ------------------------------------------------------------------ denoiser
 

@@ -24,7 +24,6 @@ vectors; 6-DoF: ``P_key P_query⁻¹``), so the choice of azimuth origin does no
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,12 +32,9 @@ import torch
 from lift3d.cameras import Cameras
 from lift3d.config import domain
 from lift3d.errors import ConfigError, UserError
-from lift3d.priors.base import ViewConditionedPrior
-from lift3d.priors.zero123 import DTYPES, check_choice
+from lift3d.priors.latent import DTYPES, LatentDiffusionPrior, check_choice
 from lift3d.registry import register
 from lift3d.utils.images import resize
-
-log = logging.getLogger(__name__)
 
 VARIANTS = ("auto", "4dof", "6dof")
 TRAINED_SIZE = 256          # EscherNet's images (32x32 latents)
@@ -55,7 +51,7 @@ def escher_poses(cameras: Cameras, variant: str, scale: float) -> torch.Tensor:
 
 
 @register("eschernet", "prior")
-class EscherNetPrior(ViewConditionedPrior):
+class EscherNetPrior(LatentDiffusionPrior):
     @dataclass
     class Config:
         pretrained_model_name_or_path: str = ""   # a folder in the kxic/eschernet-4dof|6dof layout, or a hub id
@@ -82,13 +78,6 @@ class EscherNetPrior(ViewConditionedPrior):
             raise UserError("no EscherNet model given: set system.guidance.prior.pretrained_model_name_or_path=PATH "
                             "(a folder in the kxic/eschernet-4dof or -6dof layout, or that hub id)")
         return self.cfg.pretrained_model_name_or_path
-
-    def load_dtype(self, device: torch.device) -> torch.dtype:
-        dtype = DTYPES[self.cfg.dtype]
-        if dtype == torch.float16 and device.type != "cuda":
-            log.warning("guidance dtype float16 needs CUDA; using float32 on %s", device)
-            return torch.float32
-        return dtype
 
     def prepare(self, reference, context) -> None:
         from lift3d.eschernet.model import EscherNetModel
@@ -129,33 +118,6 @@ class EscherNetPrior(ViewConditionedPrior):
         vae = self.model.vae.config.sample_size if self.model is not None else \
             self.part_config("vae").get("sample_size")
         return min(TRAINED_SIZE, int(vae or TRAINED_SIZE))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def latent_factor(self) -> int:
-        blocks = self.model.vae.config.block_out_channels if self.model is not None else \
-            self.part_config("vae")["block_out_channels"]
-        return 2 ** (len(blocks) - 1)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.model.alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.model.num_train_timesteps
-
-    def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if noise is None:
-            return self.model.encode(images).contiguous()
-        dist = self.model.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
-        return ((dist.mean + dist.std * noise.to(dist.mean)) * self.model.latent_scale).contiguous()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latents)
 
     def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
         """CFG ε̂ of the views, ``views_per_pass`` target views denoised together per UNet pass."""
@@ -220,7 +182,7 @@ class EscherNetPrior(ViewConditionedPrior):
         """The weights, and a UNet pass on ``views_per_pass`` guidance views (both CFG halves; the joint
         attention's scores at the top level grow with the square of the views), plus the decoder with
         gradients when a latent reference render is decoded (lift3d/preflight.py's measured rates)."""
-        from lift3d.preflight import GIB, unet_gib, vae_gib, weights_gib
+        from lift3d.preflight import GIB, unet_gib, weights_gib
 
         vae, unet = self.part_config("vae"), self.part_config("unet")
         f = self.latent_factor
@@ -236,7 +198,5 @@ class EscherNetPrior(ViewConditionedPrior):
         parts = {"model": (weights_gib(path) if path else 0.0, None),
                  "unet": (worst, f"system.guidance.prior.views_per_pass (now {self.cfg.views_per_pass})")}
         if plan.latent_field:
-            size = plan.renders("reference")
-            parts["vae"] = (vae_gib(vae, 1, decoder=True) if plan.decode_reference else 0.0,
-                            f"data.reference_height (now {size[0][1] * f if size else '?'})")
+            parts["vae"] = self.reference_decoder_estimate(plan, vae)
         return parts

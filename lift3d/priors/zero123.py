@@ -14,7 +14,6 @@ relative pose is taken against that photo's camera and the UNet pass batches eac
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,15 +24,12 @@ from lift3d.cameras import Cameras, zero123_pose
 from lift3d.config import domain
 from lift3d.data.reference import nearest_reference, reference_list
 from lift3d.errors import ConfigError, UserError
-from lift3d.priors.base import ViewConditionedPrior
+from lift3d.priors.latent import DTYPES, LatentDiffusionPrior, check_choice  # noqa: F401 (re-exported)
 from lift3d.registry import register
 from lift3d.utils.images import resize
 
-log = logging.getLogger(__name__)
-
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED_MODEL = os.path.join(ASSETS, "zero123-mini")
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def resolve_model_path(path: str) -> str:
@@ -46,13 +42,8 @@ def resolve_model_path(path: str) -> str:
                     "system.guidance.pretrained_model_name_or_path=PATH (a diffusers folder or an original .ckpt)")
 
 
-def check_choice(where: str, key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where}.{key} is '{value}'; use one of {', '.join(allowed)}")
-
-
 @register("zero123", "prior")
-class Zero123Prior(ViewConditionedPrior):
+class Zero123Prior(LatentDiffusionPrior):
     @dataclass
     class Config:
         pretrained_model_name_or_path: str = ""   # empty: the bundled lift3d/assets/zero123-mini
@@ -73,13 +64,6 @@ class Zero123Prior(ViewConditionedPrior):
         self.model = None
 
     # ------------------------------------------------------------------ set-up
-
-    def load_dtype(self, device: torch.device) -> torch.dtype:
-        dtype = DTYPES[self.cfg.dtype]
-        if dtype == torch.float16 and device.type != "cuda":
-            log.warning("guidance dtype float16 needs CUDA; using float32 on %s", device)
-            return torch.float32
-        return dtype
 
     def load_model(self, path: str, device: torch.device):
         from lift3d.zero123.model import Zero123Model
@@ -134,17 +118,6 @@ class Zero123Prior(ViewConditionedPrior):
     def image_size(self) -> int:
         return self.model.image_size
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def latent_factor(self) -> int:
-        # The VAE halves the resolution between consecutive blocks (8 for Stable Diffusion's four).
-        blocks = self.model.vae.config.block_out_channels if self.model is not None else \
-            self.part_config("vae")["block_out_channels"]
-        return 2 ** (len(blocks) - 1)
-
     # ------------------------------------------------------------------ memory, before loading
 
     def weight_paths(self) -> list:
@@ -167,7 +140,7 @@ class Zero123Prior(ViewConditionedPrior):
     def memory_estimate(self, plan) -> dict:
         """The weights, the UNet pass on ``unet_chunk`` guidance views (both CFG halves), and the decoder
         with gradients when a latent reference render is decoded (lift3d/preflight.py: the measured rates)."""
-        from lift3d.preflight import unet_gib, vae_gib, weights_gib
+        from lift3d.preflight import unet_gib, weights_gib
 
         vae, unet = self.part_config("vae"), self.part_config("unet")
         f = self.latent_factor
@@ -178,30 +151,8 @@ class Zero123Prior(ViewConditionedPrior):
         parts = {"model": (sum(weights_gib(p, self.cfg.variant) for p in self.weight_paths()), None),
                  "unet": (worst, f"system.guidance.unet_chunk (now {self.cfg.unet_chunk})")}
         if plan.latent_field:
-            size = plan.renders("reference")
-            parts["vae"] = (vae_gib(vae, 1, decoder=True) if plan.decode_reference else 0.0,
-                            f"data.reference_height (now {size[0][1] * f if size else '?'})")
+            parts["vae"] = self.reference_decoder_estimate(plan, vae)
         return parts
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.model.alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.model.num_train_timesteps
-
-    def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # Contiguous latents: the CPU VAE may return channels-last ones, and noise drawn "like" them would
-        # then depend on the memory layout.
-        if noise is None:
-            return self.model.encode(images).contiguous()
-        # The posterior sample mean + std·noise, as latent_dist.sample() draws it, with the caller's noise.
-        dist = self.model.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
-        return ((dist.mean + dist.std * noise.to(dist.mean)) * self.model.latent_scale).contiguous()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latents)
 
     def poses(self, cameras: Cameras) -> torch.Tensor:
         """Zero123 relative pose (B, 4) of each guidance view w.r.t. the reference view (with several photos,

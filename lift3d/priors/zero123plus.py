@@ -18,7 +18,6 @@ Its images have a gray background (0.5): a config sets ``system.background.color
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,12 +28,9 @@ import torch
 from lift3d.cameras import Cameras
 from lift3d.config import domain
 from lift3d.errors import UserError
-from lift3d.priors.base import ViewConditionedPrior
-from lift3d.priors.zero123 import DTYPES, check_choice
+from lift3d.priors.latent import DTYPES, LatentDiffusionPrior, check_choice
 from lift3d.registry import register
 from lift3d.utils.images import resize
-
-log = logging.getLogger(__name__)
 
 # The tile's VAE encoder with gradients, float32, 960x640, SD's VAE, layers recomputed in backward (measured on a
 # CPU: the peak resident memory of encode + backward above the model's; 7.3 GiB without the recomputation).
@@ -45,7 +41,7 @@ PUBLISHED = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "sample_size
 
 
 @register("zero123plus", "prior")
-class Zero123PlusPrior(ViewConditionedPrior):
+class Zero123PlusPrior(LatentDiffusionPrior):
     @dataclass
     class Config:
         pretrained_model_name_or_path: str = ""  # a Zero123++ diffusers folder or hub id (sudo-ai/zero123plus-v1.2)
@@ -84,11 +80,8 @@ class Zero123PlusPrior(ViewConditionedPrior):
 
         self.context = context
         device = torch.device(context.device)
-        dtype = DTYPES[self.cfg.dtype]
-        if dtype == torch.float16 and device.type != "cuda":
-            log.warning("guidance dtype float16 needs CUDA; using float32 on %s", device)
-            dtype = torch.float32
-        self.model = Zero123PlusModel.from_pretrained(self.model_path(), dtype, self.cfg.variant).to(device)
+        self.model = Zero123PlusModel.from_pretrained(self.model_path(), self.load_dtype(device),
+                                                      self.cfg.variant).to(device)
         self._version = self.version
         primary = reference_list(reference)[0]   # Zero123++ sees one photo: the primary one
         self.reference_rgb = self.condition_image(primary)
@@ -145,29 +138,12 @@ class Zero123PlusPrior(ViewConditionedPrior):
         proc = self.folder_config("feature_extractor_vae")
         return processor_size(proc) if proc else 320
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def latent_factor(self) -> int:
-        blocks = self.model.vae.config.block_out_channels if self.model is not None else \
-            self.folder_config("vae")["block_out_channels"]
-        return 2 ** (len(blocks) - 1)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.model.alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.model.num_train_timesteps
+    def vae_config(self) -> dict:
+        return self.folder_config("vae")
 
     def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Its own latents (shifted and gained after the VAE's scaling): the model draws the posterior sample.
         return self.model.encode(images, noise).contiguous()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latents)
 
     def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
         """CFG ε̂ of tiles (N, 4, 3h, 2w) at timesteps ``t``: the six views of each tile at once."""

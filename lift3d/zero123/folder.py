@@ -11,6 +11,7 @@ projection's ``weight`` and ``bias``, and a scheduler config (or None).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -119,17 +120,31 @@ def _rename_legacy_vae_attention(sd: dict) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
-def write_folder(model, out_dir: str) -> None:
-    """Write ``model`` as a kxic-layout diffusers folder of safetensors, atomically (temp folder,
-    then rename). ``out_dir`` must not exist or be empty."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def atomic_folder(out_dir: str):
+    """A temporary folder to write a model into (the ``with`` block), renamed to ``out_dir`` when the block
+    succeeds and removed either way, so a failed write leaves nothing behind. ``out_dir`` must not exist or
+    be empty. (EscherNet's :func:`lift3d.eschernet.folder.write_folder` writes through it too.)"""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"output {out_dir} already exists and is not an empty folder; choose a new folder")
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(model, out_dir: str) -> None:
+    """Write ``model`` as a kxic-layout diffusers folder of safetensors, atomically (temp folder,
+    then rename). ``out_dir`` must not exist or be empty."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(out_dir) as tmp:
         model.unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
         model.vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
         model.image_encoder.save_pretrained(os.path.join(tmp, "image_encoder"))
@@ -150,11 +165,6 @@ def write_folder(model, out_dir: str) -> None:
             "requires_safety_checker": False, "safety_checker": [None, None],
             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]})
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json(path: str, obj: dict) -> None:

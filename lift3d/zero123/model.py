@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lift3d.errors import UserError
+from lift3d.utils.latent_model import ScaledVAEMixin
 from lift3d.zero123 import folder, loading
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,7 +46,7 @@ class Zero123Condition:
     latent: torch.Tensor
 
 
-class Zero123Model(nn.Module):
+class Zero123Model(ScaledVAEMixin, nn.Module):
     def __init__(self, unet, vae, image_encoder, projection: nn.Linear, scheduler):
         super().__init__()
         self.unet, self.vae, self.image_encoder, self.projection = unet, vae, image_encoder, projection
@@ -75,6 +76,7 @@ class Zero123Model(nn.Module):
         folder.write_folder(self, out_dir)
 
     # ------------------------------------------------------------------ properties
+    # latent_scale, alphas_cumprod, num_train_timesteps, encode, decode: ScaledVAEMixin
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,22 +87,9 @@ class Zero123Model(nn.Module):
         return self.projection.weight.device
 
     @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
     def image_size(self) -> int:
         """Side of the images the model was trained on (256 for Zero123)."""
         return int(self.vae.config.sample_size)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t for t = 0 .. T-1 (float32, on the model's device)."""
-        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
 
     # ------------------------------------------------------------------ encoders
 
@@ -121,17 +110,6 @@ class Zero123Model(nn.Module):
         embedding = self.image_encoder(pixel_values=self.clip_preprocess(x)).image_embeds[:, None]
         latent = self.vae.encode(x).latent_dist.mode()  # unscaled, as the original
         return Zero123Condition(embedding, latent)
-
-    def encode(self, images_01: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (differentiable w.r.t. the images)."""
-        dist = self.vae.encode((images_01.contiguous() * 2 - 1).to(self.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return z * self.latent_scale
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1] (not clamped; differentiable w.r.t. the latents)."""
-        x = self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample
-        return (x.float() + 1) / 2
 
     # ------------------------------------------------------------------ denoiser
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lift3d.errors import UserError
+from lift3d.utils.latent_model import LatentModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Zero123PlusCondition:
     latents: torch.Tensor
 
 
-class Zero123PlusModel(nn.Module):
+class Zero123PlusModel(LatentModelMixin, nn.Module):
     def __init__(self, unet, vae, vision_encoder, scheduler, prompt_embeds: torch.Tensor, ramp: torch.Tensor,
                  vae_processor: dict, clip_processor: dict):
         super().__init__()
@@ -193,18 +194,7 @@ class Zero123PlusModel(nn.Module):
         return model.to(torch_dtype or torch.float32)
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
+    # dtype, device, latent_scale, alphas_cumprod, num_train_timesteps: LatentModelMixin; its own encode/decode
 
     @property
     def latent_factor(self) -> int:
@@ -214,14 +204,6 @@ class Zero123PlusModel(nn.Module):
     def image_size(self) -> int:
         """Side of one view (320 for the published models): the condition size of ``feature_extractor_vae``."""
         return processor_size(self.vae_processor)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
 
     @property
     def prediction_type(self) -> str:
