@@ -3,7 +3,7 @@
 The reference camera is known exactly and its mask says where the object is and is not. Whatever
 level is chosen, the iso-surface can still disagree with it: a floater outside the silhouette, or
 a ray through the object that never meets density above the level (a hole the user sees straight
-through: a distilled field often makes a white patch of the object out of a faint haze). Three
+through: a distilled field often makes a white patch of the object out of a faint haze). Four
 edits of the grid, each counted in ``model_info.json``:
 
 1. **carve**: cells that project outside the mask (dilated by ``dilate_px`` pixels) are emptied: from
@@ -35,8 +35,8 @@ from lift3d.export.level import _box_span, _camera_rays, march, ray_image_size, 
 
 
 def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, dilate_px: int = 0,
-                carve_cells: float = 0.0, thickness_cells: float = 3.0, pit_cells: float = 4.0, edge_px: int = 2, rim_px: int = 4,
-                bridge_cells: float = 2.0, floater_fraction: float = 0.02,
+                carve_cells: float = 0.0, thickness_cells: float = 3.0, pit_cells: float = 4.0, edge_px: int = 2,
+                rim_px: int = 4, bridge_cells: float = 2.0, floater_fraction: float = 0.02,
                 max_size: int = 256) -> tuple[np.ndarray, dict]:
     """The edited grid (a copy) and what was done. ``grid`` (R, R, R) holds densities at the cell
     centres of [-radius, radius]^3 indexed [ix, iy, iz]; ``camera`` is the one reference view;
@@ -127,20 +127,28 @@ def fit_to_mask(grid: np.ndarray, radius: float, level: float, camera, mask, *, 
 
     # 4. Bridge pieces in front of the body to it along the input camera's rays.
     report["bridged_cells"] = _bridge(grid, radius, level, solid, origins[ray_mask], dirs[ray_mask],
-                                      bridge_cells * cell, background)
+                                      bridge_cells * cell)
     return grid, report
+
+
+def _pieces(grid: np.ndarray, level: float) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """The face-connected pieces of ``grid > level``: labels (0: empty), their count, cells per label, and the
+    label of the largest piece (the body)."""
+    from scipy.ndimage import label
+
+    labels, count = label(grid > level)
+    sizes = np.bincount(labels.reshape(-1))
+    return labels, count, sizes, int(np.argmax(sizes[1:])) + 1 if count else 0
 
 
 def _drop_floaters(grid: np.ndarray, level: float, fraction: float, max_gap_cells: float) -> int:
     """Empty the pieces of ``grid > level`` with fewer than ``fraction`` x the largest piece's cells that lie
     more than ``max_gap_cells`` from it (in place); the number of cells emptied."""
-    from scipy.ndimage import distance_transform_edt, label, minimum
+    from scipy.ndimage import distance_transform_edt, minimum
 
-    labels, count = label(grid > level)
+    labels, count, sizes, body = _pieces(grid, level)
     if count < 2:
         return 0
-    sizes = np.bincount(labels.reshape(-1))
-    body = int(np.argmax(sizes[1:])) + 1
     distance = distance_transform_edt(labels != body)
     others = np.array([i for i in range(1, count + 1) if i != body])
     gaps = np.asarray(minimum(distance, labels, others))
@@ -151,20 +159,19 @@ def _drop_floaters(grid: np.ndarray, level: float, fraction: float, max_gap_cell
 
 
 def _bridge(grid: np.ndarray, radius: float, level: float, solid: float, origins: torch.Tensor, dirs: torch.Tensor,
-            max_gap: float, background: np.ndarray) -> int:
+            max_gap: float) -> int:
     """Join the pieces of ``grid > level`` that these rays meet first to the largest piece (the body). Along a
     ray: the cells from its first hit to its first cell of the body behind, where that gap is at most
     ``max_gap`` long. A seen piece with no body behind it (at the outline) is joined the shortest way: each of
     its cells within ``max_gap`` of the body to its nearest body cell. Edits ``grid`` in place; returns the
-    number of cells raised; none in ``background`` (the carved cells)."""
-    from scipy.ndimage import binary_dilation, distance_transform_edt, label
+    number of cells raised (a bridge may cross a carved cell: it joins two pieces the input camera sees)."""
+    from scipy.ndimage import binary_dilation, distance_transform_edt
 
     resolution = grid.shape[0]
     cell = 2 * radius / resolution
-    labels, count = label(grid > level)
+    labels, count, _, body = _pieces(grid, level)
     if count < 2 or not len(origins):
         return 0
-    body = int(np.argmax(np.bincount(labels.reshape(-1))[1:])) + 1
     near, far = _box_span(origins, dirs, radius)
     step = 0.5 * cell
     n = int(math.ceil(float((far - near).clamp_min(0).max()) / step)) + 1
