@@ -26,6 +26,10 @@ def test_labelled_grid_layout():
     grid = figures.labelled_grid([[("x", a), ("y", a)], [("row", None), ("", np.zeros((10, 30, 3)))]], title="t")
     assert grid.shape == (figures.TITLE_BAND + 2 * figures.LABEL_BAND + 30, 60, 3)
     assert (grid[-10:, :30] == 255).all()                           # the blank cell is as wide as the one above
+    title = "run/tag  step 400  |  input view: elevation 5 azimuth 0  |  chamfer 0.0445 volume IoU 0.457"
+    wrapped = figures.labelled_grid([[("x", np.zeros((20, 120, 3)))]], title=title)
+    assert wrapped.shape[1] == 120 and wrapped.shape[0] > 3 * figures.TITLE_BAND   # wrapped, not widened
+    assert (wrapped[2 * figures.TITLE_BAND:3 * figures.TITLE_BAND] < 128).any()     # the third line is drawn
 
 
 def test_colour_maps():

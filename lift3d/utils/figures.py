@@ -31,13 +31,34 @@ def _uint8(image) -> np.ndarray:
     return np.repeat(image, 3, -1) if image.shape[-1] == 1 else image[..., :3]
 
 
+def wrap_text(text: str, font, width: float) -> list:
+    """``text`` in lines no wider than ``width`` pixels in ``font``: broken at "  |  " separators first, then
+    between words; a single word wider than ``width`` keeps a line of its own."""
+    lines: list = []
+    for part in text.split("  |  "):
+        joined = f"{lines[-1]}  |  {part}" if lines else part
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+            continue
+        line = ""
+        for word in part.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
 def labelled_grid(rows: Sequence[Sequence], title: Optional[str] = None) -> np.ndarray:
     """Rows of ``(label, image)`` cells -> one (H, W, 3) uint8 image, each image under its label.
 
     An image is an (H, W, C) tensor or array (float in [0, 1] or uint8); a cell may be a bare image
     (no label) or ``(label, None)`` (a blank cell as wide as the cell above it, else as the row's first).
     Cells sit edge to edge, so a row is exactly as wide as its images; rows of different widths are
-    padded with white on the right. ``title`` adds a line of text on top (the image widens to fit it).
+    padded with white on the right. ``title`` adds text on top, wrapped to the grid's width (at its
+    "  |  " separators, then between words), so a long title does not widen the image.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -53,12 +74,14 @@ def labelled_grid(rows: Sequence[Sequence], title: Optional[str] = None) -> np.n
              for i, (_, im) in enumerate(row)]
         widths.append(w)
         previous = w
-    top = TITLE_BAND if title else 0
-    width = max([sum(w) for w in widths] + [int(font.getlength(title)) + 8 if title else 1])
+    width = max([sum(w) for w in widths] + [1])
+    lines = wrap_text(title, font, width - 8) if title else []
+    width = max([width] + [int(font.getlength(line)) + 8 for line in lines])
+    top = TITLE_BAND * len(lines)
     canvas = Image.new("RGB", (width, top + sum(h + LABEL_BAND for h in heights)), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 3), title, fill=(0, 0, 0), font=font)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + i * TITLE_BAND), line, fill=(0, 0, 0), font=font)
     y = top
     for row, h, w in zip(rows, heights, widths):
         x = 0
