@@ -131,3 +131,32 @@ def test_sdedit_refresh_replaces_the_views(tmp_path, model_dir, image):
     assert not torch.equal(before, exp.system.guidance.images)
     record = __import__("json").load(open(os.path.join(exp.trial_dir, "save", "generated", "generated.json")))
     assert record["step"] == 2
+
+
+def test_ring_views_keep_clear_of_the_other_photos(tmp_path, model_dir, image):
+    """With a second photo from behind, the ring view behind is not generated (the photo shows that side);
+    the contact sheet still groups the views by ring, and a clearance that leaves no view is one clear error."""
+    from lift3d.cameras import Cameras
+    from lift3d.data.reference import ReferenceView
+    from lift3d.errors import ConfigError
+
+    size = random_zero123("tiny", seed=3).image_size
+    front = reference_of(image, size)
+    el, az, dist = (float(v) for v in front.camera.spherical[0])
+    back = ReferenceView(front.rgba, Cameras.from_spherical(el, az + 180.0, dist, float(front.camera.fovy_deg[0]),
+                                                            size, size))
+    settings = {"prior": {"pretrained_model_name_or_path": model_dir}, "rings": [[0, 4], [30, 2]], "sample_steps": 1}
+    context = GuidanceContext(device=torch.device("cpu"), trial_dir=None)
+    alone = MultiviewGuidance(settings, path="system.guidance")
+    alone.prepare(front, context)
+    both = MultiviewGuidance(settings, path="system.guidance")
+    both.prepare([front, back], context)
+    assert len(alone.cameras) == 5 and len(both.cameras) == 4
+    kept = {(round(float(e)), round(float(a - az)) % 360) for e, a, _ in both.cameras.spherical}
+    assert kept == {(20, 90), (20, 270), (50, 0), (50, 180)}     # the view at the back photo's camera is gone
+    assert [len(row) - 1 for row in both.summary_rows()] == [2, 2]
+    loose = MultiviewGuidance({**settings, "photo_clearance_deg": 0.0}, path="system.guidance")
+    loose.prepare([front, back], context)
+    assert len(loose.cameras) == 5
+    with pytest.raises(ConfigError, match="photo_clearance_deg"):
+        MultiviewGuidance({**settings, "rings": [[0, 2]]}, path="system.guidance").prepare([front, back], context)

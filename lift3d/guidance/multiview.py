@@ -4,6 +4,8 @@ The prior generates K views of the object once (``prior.generate``: DDIM, one se
 configured CFG scale) at cameras on rings around the input: ``rings`` lists [elevation offset from the
 input's, number of views], spread evenly in azimuth from the input's (the input's own view is left out);
 a multi-view prior with views of its own (``prior.fixed_views``: Zero123++'s six) generates those instead.
+With several photos the rings go round the first, and a ring view within ``photo_clearance_deg`` of another
+photo's camera is not generated: that photo already shows that side.
 They are cached in the trial folder (``save/generated/``: one PNG per view and ``generated.json`` with the
 cameras and settings) and reused on resume when the settings match.
 
@@ -39,18 +41,31 @@ from lift3d.utils.images import resize
 BACKGROUND_TOLERANCE = 0.03    # a generated pixel this close to white in every channel is background
 
 
-def ring_cameras(reference: Cameras, rings: list) -> Cameras:
+def ring_cameras(reference: Cameras, rings: list, with_rings: bool = False):
     """Cameras on ``rings`` ([elevation offset, count], ...) around the reference view's centre, at its
-    distance and field of view; each ring evenly in azimuth from the reference's, without the reference."""
+    distance and field of view; each ring evenly in azimuth from the reference's, without the reference.
+    ``with_rings``: also each camera's ring index (a list)."""
     elevation, azimuth, distance = (float(v) for v in reference.spherical[0])
-    views = []
-    for offset, count in rings:
+    views, ring_of = [], []
+    for ring, (offset, count) in enumerate(rings):
         for k in range(int(count)):
             if offset == 0 and k == 0:
                 continue
             views.append(Cameras.from_spherical(elevation + offset, azimuth + 360.0 * k / count, distance,
                                                 float(reference.fovy_deg[0]), reference.height, reference.width))
-    return Cameras.cat(views)
+            ring_of.append(ring)
+    return (Cameras.cat(views), ring_of) if with_rings else Cameras.cat(views)
+
+
+def near_photos(cameras: Cameras, photos: list, degrees: float) -> torch.Tensor:
+    """(B,) bool: the cameras that look from within ``degrees`` of one of the ``photos``' cameras' directions
+    (seen from the origin)."""
+    if degrees <= 0 or not photos:
+        return torch.zeros(len(cameras), dtype=torch.bool)
+    a = F.normalize(cameras.position.float().cpu(), dim=-1)
+    b = F.normalize(torch.cat([p.position.float().cpu() for p in photos]), dim=-1)
+    cos = (a @ b.T).clamp(-1, 1)
+    return (cos >= torch.cos(torch.deg2rad(torch.tensor(float(degrees))))).any(-1).cpu()
 
 
 @register("multiview", "guidance")
@@ -67,6 +82,8 @@ class MultiviewGuidance(ScoreDistillation):
         render_size: int = domain(0, ge=0)     # pixels a side of the fitted renders; 0: the prior's image size
         refresh_every: int = domain(0, ge=0)   # regenerate the views from the field's renders (SDEdit); 0: never
         refresh_strength: Any = schedulable(0.5, ge=0, le=1)
+        photo_clearance_deg: float = domain(20.0, ge=0, le=180)  # with several photos: no ring view this close
+                                                                  # to another photo (the photo shows that side)
 
     loss_defaults = {"views_rgb": 100.0, "views_mask": 100.0}
 
@@ -86,10 +103,20 @@ class MultiviewGuidance(ScoreDistillation):
 
     def prepare(self, reference, context: GuidanceContext) -> None:
         super().prepare(reference, context)
-        primary = reference_list(reference)[0].camera
+        photos = reference_list(reference)
+        primary = photos[0].camera
         fixed = self.prior.fixed_views(primary)      # a multi-view prior's own views (Zero123++), else the rings
         self.fixed = fixed is not None
-        self.cameras = fixed if self.fixed else ring_cameras(primary, self.cfg.rings)   # around the primary photo
+        if self.fixed:
+            self.cameras, self.ring_of = fixed, [0] * len(fixed)
+        else:                                        # around the primary photo, clear of the others
+            cameras, ring_of = ring_cameras(primary, self.cfg.rings, with_rings=True)
+            keep = ~near_photos(cameras, [p.camera for p in photos[1:]], self.cfg.photo_clearance_deg)
+            if not keep.any():
+                raise ConfigError(f"system.guidance.rings: every ring view lies within {self.cfg.photo_clearance_deg}° "
+                                  "of a photo; add views or lower system.guidance.photo_clearance_deg")
+            self.cameras = cameras[keep.nonzero()[:, 0]]
+            self.ring_of = [r for r, k in zip(ring_of, keep.tolist()) if k]
         self.folder = os.path.join(context.trial_dir, "save", "generated") if context.trial_dir else None
         self.images = self._cached() if self.folder else None
         if self.images is None:
@@ -193,11 +220,10 @@ class MultiviewGuidance(ScoreDistillation):
         if self.fixed:   # the prior's own views: one row
             return [[("generated", None)] + [(f"el {spherical[i, 0]:.0f} az {spherical[i, 1] % 360:.0f}", images[i])
                                              for i in range(len(images))]]
-        rows, start = [], 0
-        for offset, count in self.cfg.rings:
-            n = int(count) - (1 if offset == 0 else 0)
+        rows = []
+        for ring, (offset, _) in enumerate(self.cfg.rings):
             row = [(f"generated {offset:+g}°", None)]
-            row += [(f"el {spherical[i, 0]:.0f} az {spherical[i, 1] % 360:.0f}", images[i]) for i in range(start, start + n)]
+            row += [(f"el {spherical[i, 0]:.0f} az {spherical[i, 1] % 360:.0f}", images[i])
+                    for i, r in enumerate(self.ring_of) if r == ring]
             rows.append(row)
-            start += n
         return rows
