@@ -123,7 +123,9 @@ def test_sdedit_refresh_replaces_the_views(tmp_path, model_dir, image):
     path = tmp_path / "mv.yaml"
     path.write_text(TINY.replace("MODEL", model_dir).replace("views_per_step: 2}",
                                                              "views_per_step: 2, refresh_every: 2}"))
-    exp = Experiment(load_config(str(path), [f"image={image}", f"exp_root_dir={tmp_path / 'out'}"]))
+    gt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "objects", "mushroom",
+                      "meshes", "model.obj")
+    exp = Experiment(load_config(str(path), [f"image={image}", f"exp_root_dir={tmp_path / 'out'}", f"gt={gt}"]))
     exp.system.setup(exp.data, exp.context(), train=True)
     before = exp.system.guidance.images.clone()
     exp.optimizer = exp.system.configure_optimizer()
@@ -131,6 +133,8 @@ def test_sdedit_refresh_replaces_the_views(tmp_path, model_dir, image):
     assert not torch.equal(before, exp.system.guidance.images)
     record = __import__("json").load(open(os.path.join(exp.trial_dir, "save", "generated", "generated.json")))
     assert record["step"] == 2
+    # the refreshed views are scored against the ground truth again, the first ones' scores kept beside
+    assert record["against_gt"] != record["against_gt_at_step_0"] and record["against_gt"]["psnr_image"] > 0
 
 
 def test_ring_views_keep_clear_of_the_other_photos(tmp_path, model_dir, image):

@@ -124,8 +124,9 @@ class MultiviewGuidance(ScoreDistillation):
             self.images = self.prior.generate(self.cameras.to(context.device), seeds, self.cfg.sample_steps,
                                               self.cfg.sample_scale, self.cfg.sample_eta)
             self._save(step=0)
-        if context.gt_mesh:
-            self.against_gt = self.score_against(context.gt_mesh)
+        self.gt_mesh = context.gt_mesh
+        if self.gt_mesh:
+            self.against_gt = self.score_against(self.gt_mesh)
 
     def score_against(self, mesh_path: str) -> dict:
         """How good the generated views are: each against the ground truth's albedo render at its camera
@@ -210,6 +211,8 @@ class MultiviewGuidance(ScoreDistillation):
                                           self.cfg.sample_scale, self.cfg.sample_eta, init=init,
                                           strength=C(self.cfg.refresh_strength, ctx.step))
         self._save(step=ctx.step)
+        if self.gt_mesh:      # how good the refreshed views are ("against_gt"; step 0's stays beside it)
+            self.score_against(self.gt_mesh)
 
     def validation_images(self) -> list:
         return list(self.images.permute(0, 2, 3, 1)) + super().validation_images()
