@@ -9,7 +9,10 @@ computes, as the reference pipeline). The primary photo, composited on gray, is 
   photo's field of view and distance, v1.2's field of view is 30° and the distance keeps the object's
   apparent size (``distance``: a fixed one).
 - SDS (``guidance_type: score-distillation``, ``prior_type: zero123plus``): the six renders are one 3x2 tile
-  (``tile``), encoded as one image, and scored at once: one noise level per tile.
+  (``tile``), scored at once: one noise level per tile. ``encode: views`` (the default) encodes the renders
+  one at a time and tiles their latents, which keeps a published-size step within model + 3 GB on a CPU in
+  float32; ``encode: tile`` encodes the tile as one image (benchmarks/zero123plus_encoder.py: memory of
+  both, and how far their latents differ with a trained VAE).
 - generate-then-reconstruct (``guidance_type: multiview``): the six views sampled once (Euler ancestral,
   trailing timesteps, the reference's draws from the first view's seed: the same tile as the reference
   pipeline under ``torch.manual_seed(seed)``).
@@ -32,9 +35,12 @@ from lift3d.priors.latent import DTYPES, LatentDiffusionPrior, check_choice
 from lift3d.registry import register
 from lift3d.utils.images import resize
 
-# The tile's VAE encoder with gradients, float32, 960x640, SD's VAE, layers recomputed in backward (measured on a
-# CPU: the peak resident memory of encode + backward above the model's; 7.3 GiB without the recomputation).
+# SD's VAE encoder with gradients in float32, its layers recomputed in backward, measured on a CPU above the loaded
+# model (benchmarks/zero123plus_encoder.py): the 960x640 tile as one image (encode: tile; 7.3 GiB without the
+# recomputation), or its six 320-px views one at a time (encode: views: the encode phase's 0.96 and a margin, so
+# that the step's estimate, the sum of its parts, covers the step's measured peak).
 TILE_ENCODER_GIB = 3.4
+VIEW_ENCODER_GIB = 1.1
 # Published sizes, for the memory estimate before any download (SD-2 UNet and VAE, 320-px views).
 PUBLISHED = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "sample_size": 96},
              "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}}
@@ -50,6 +56,8 @@ class Zero123PlusPrior(LatentDiffusionPrior):
         dtype: str = "float32"                 # float32 | float16 (float16 only on CUDA)
         distance: float = domain(0.0, ge=0)    # the six views' camera distance; 0: from the photo's (see above)
         seed: int = domain(0, ge=0, lt=2 ** 32)  # the condition latent's posterior sample (SDS)
+        encode: str = "views"                  # views | tile: SDS encodes its renders view by view (a sixth of the
+                                               # encoder's memory) or as the one 960x640 tile
 
     background = 0.5          # "gray, the zero of the Stable Diffusion VAE" (Zero123++'s README)
 
@@ -57,6 +65,7 @@ class Zero123PlusPrior(LatentDiffusionPrior):
         super().__init__(cfg, path)
         check_choice(path, "version", self.cfg.version, ("auto", "v1.1", "v1.2"))
         check_choice(path, "dtype", self.cfg.dtype, tuple(DTYPES))
+        check_choice(path, "encode", self.cfg.encode, ("views", "tile"))
         self.path = path
         self.model = None
 
@@ -143,7 +152,7 @@ class Zero123PlusPrior(LatentDiffusionPrior):
 
     def encode(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Its own latents (shifted and gained after the VAE's scaling): the model draws the posterior sample.
-        return self.model.encode(images, noise).contiguous()
+        return self.model.encode(images, noise, per_view=self.cfg.encode == "views").contiguous()
 
     def predict_noise(self, noisy, t, cameras, guidance_scale, render=None) -> torch.Tensor:
         """CFG ε̂ of tiles (N, 4, 3h, 2w) at timesteps ``t``: the six views of each tile at once."""
@@ -188,11 +197,12 @@ class Zero123PlusPrior(LatentDiffusionPrior):
 
     def memory_estimate(self, plan) -> dict:
         """The UNet's and VAE's weights, a UNet pass on one tile (both CFG halves) and the reference pass on the
-        condition latent (lift3d/preflight.py's measured rates); for RGB renders the tile's VAE encoder with
-        gradients, layer by layer recomputed (:func:`lift3d.zero123plus.model.checkpoint_encoder`:
-        TILE_ENCODER_GIB for a 960x640 tile, measured), for a latent field the decoder when the reference
-        render is decoded. benchmarks/bench_recipes.py, zero123plus-sds at 6 x 128 px, float32 on a CPU: a step
-        peaked at 7.7 GiB resident (the model 3.8 of it), the estimate is 10.1."""
+        condition latent (lift3d/preflight.py's measured rates); for RGB renders the VAE encoder with
+        gradients, layer by layer recomputed (:func:`lift3d.zero123plus.model.checkpoint_encoder`), one view at a
+        time (VIEW_ENCODER_GIB for a 320-px view) or the whole tile (TILE_ENCODER_GIB for 960x640); for a latent
+        field the decoder when the reference render is decoded. Measured at the published size in float32 on a
+        CPU (benchmarks/zero123plus_encoder.py memory): a prior step peaks 2.11 GiB above the model's 3.54 with
+        ``encode: views`` (estimate 2.2), 3.90 with ``encode: tile`` (estimate 4.5)."""
         from lift3d.preflight import unet_gib, vae_gib, weights_gib
 
         unet = self.folder_config("unet")
@@ -213,5 +223,7 @@ class Zero123PlusPrior(LatentDiffusionPrior):
                             None)
         else:
             half = self.cfg.dtype == "float16" and torch.cuda.is_available()
-            parts["vae"] = (TILE_ENCODER_GIB * width * 6 * s * s / (960 * 640) * (0.5 if half else 1.0), None)
+            encoder = VIEW_ENCODER_GIB * s * s / (320 * 320) if self.cfg.encode == "views" else \
+                TILE_ENCODER_GIB * 6 * s * s / (960 * 640)
+            parts["vae"] = (encoder * width * (0.5 if half else 1.0), None)
         return parts

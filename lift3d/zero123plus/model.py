@@ -19,7 +19,8 @@ What it computes, as the reference pipeline (SUDO-AI-3D/zero123plus ``diffusers-
 - **Output**: v-prediction with classifier-free guidance ``v_u + s (v_c − v_u)`` (no unconditional pass
   when ``s <= 1``); ε = √ᾱ v + √(1−ᾱ) x_t.
 - **Latents**: images in [0, 1] -> [-1, 1] x 0.5/0.8 -> VAE -> x scaling factor -> (z − 0.22) x 0.75, and
-  back; the six 320-px views are one 960x640 tile (3 rows, 2 columns, row-major), encoded as one image.
+  back; the six 320-px views are one 960x640 tile (3 rows, 2 columns, row-major), encoded as one image
+  (the reference only ever decodes tiles; SDS here may encode its renders view by view: ``encode_views``).
 
 The denoising input x_t is the DDPM-scaled latent √ᾱ z + √(1−ᾱ) ε: the Euler scheduler's
 ``scale_model_input`` of its own (z + σ ε) is exactly that, so SDS noise and the sampler's input agree.
@@ -156,6 +157,26 @@ def checkpoint_encoder(vae) -> None:
     mid.attentions = nn.ModuleList(_Checkpointed(m) if m is not None else m for m in mid.attentions)
 
 
+def encode_views(vae, tiles: torch.Tensor):
+    """The VAE posterior of tiles (N, 3, 3h, 2w) from their six views encoded one at a time, each recomputed
+    in backward (only its input is held), the moments tiled back. The encoder's activations then peak at one
+    320-px view's instead of the 960x640 tile's; the posterior differs from the whole tile's only where the
+    encoder's convolutions and mid-block attention would reach across a view's border
+    (benchmarks/zero123plus_encoder.py measures both)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from torch.utils.checkpoint import checkpoint
+
+    def moments(view):
+        return vae.encode(view).latent_dist.parameters
+
+    views = untile(tiles)
+    if torch.is_grad_enabled():
+        parts = [checkpoint(moments, v[None], use_reentrant=False) for v in views]
+    else:
+        parts = [moments(v[None]) for v in views]
+    return DiagonalGaussianDistribution(tile(torch.cat(parts)))
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -284,11 +305,13 @@ class Zero123PlusModel(LatentModelMixin, nn.Module):
     # ------------------------------------------------------------------ latents
 
     def encode(self, images_01: torch.Tensor, noise: Optional[torch.Tensor] = None,
-               sample: bool = True) -> torch.Tensor:
+               sample: bool = True, per_view: bool = False) -> torch.Tensor:
         """Tiles (B, 3, H, W) in [0, 1] -> diffusion latents (differentiable). ``noise``: the posterior
-        sample's noise (else drawn); ``sample=False``: the posterior mean."""
+        sample's noise (else drawn); ``sample=False``: the posterior mean. ``per_view``: each of a tile's six
+        views through the encoder on its own, recomputed in backward, and their posteriors tiled (a sixth of
+        the encoder's memory; see :func:`encode_views`), else the tile as one image."""
         x = ((images_01.contiguous() * 2 - 1) * IMAGE_GAIN).to(self.dtype)
-        dist = self.vae.encode(x).latent_dist
+        dist = encode_views(self.vae, x) if per_view else self.vae.encode(x).latent_dist
         if not sample:
             z = dist.mean
         elif noise is None:
