@@ -38,12 +38,18 @@ def reference_list(reference) -> list:
     return views
 
 
+def direction_cosines(cameras: Cameras, references: Cameras) -> torch.Tensor:
+    """(B, R): the cosine between the directions from the origin to each of ``cameras`` and to each reference
+    camera (on ``cameras``' device)."""
+    targets = torch.nn.functional.normalize(cameras.position.float(), dim=-1)
+    sources = torch.nn.functional.normalize(references.position.float().to(targets.device), dim=-1)
+    return targets @ sources.T
+
+
 def nearest_reference(cameras: Cameras, references: Cameras) -> torch.Tensor:
     """For each of ``cameras`` the index of the reference camera that looks from the nearest direction (the
     largest cosine between the directions from the origin to the cameras; the first of equals), (B,) long."""
-    targets = torch.nn.functional.normalize(cameras.position.float(), dim=-1)
-    sources = torch.nn.functional.normalize(references.position.float().to(targets.device), dim=-1)
-    return (targets @ sources.T).argmax(-1)
+    return direction_cosines(cameras, references).argmax(-1)
 
 
 # One photo's camera: the keys a mapping may give (``distance`` is camera_distance's other name, as render-gso

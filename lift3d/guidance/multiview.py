@@ -21,6 +21,7 @@ at ``refresh_strength`` (a schedule allowed), as DreamGaussian's second stage re
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from lift3d.cameras import Cameras
 from lift3d.config import C, domain, schedulable
-from lift3d.data.reference import reference_list
+from lift3d.data.reference import direction_cosines, reference_list
 from lift3d.errors import ConfigError, UserError
 from lift3d.guidance.base import GuidanceContext
 from lift3d.guidance.distillation import ScoreDistillation
@@ -62,10 +63,8 @@ def near_photos(cameras: Cameras, photos: list, degrees: float) -> torch.Tensor:
     (seen from the origin)."""
     if degrees <= 0 or not photos:
         return torch.zeros(len(cameras), dtype=torch.bool)
-    a = F.normalize(cameras.position.float().cpu(), dim=-1)
-    b = F.normalize(torch.cat([p.position.float().cpu() for p in photos]), dim=-1)
-    cos = (a @ b.T).clamp(-1, 1)
-    return (cos >= torch.cos(torch.deg2rad(torch.tensor(float(degrees))))).any(-1).cpu()
+    cosines = direction_cosines(cameras, Cameras.cat([p.with_size(1, 1) for p in photos]))
+    return (cosines.clamp(-1, 1) >= math.cos(math.radians(degrees))).any(-1).cpu()
 
 
 @register("multiview", "guidance")
